@@ -1,0 +1,101 @@
+"""Backend switch: which implementation of each op runs.
+
+``LUMIERE_FAST_BACKEND`` is read at call time (not import time), so a test or a user can flip it between
+calls; :func:`use_backend` overrides it for a block of code (thread-local, nests).
+
+* ``auto`` (default): fast kernels for CUDA tensors where an op has one, the PyTorch reference otherwise.
+* ``reference``: always the plain-PyTorch reference.
+* ``triton``: force the Triton kernels, on CPU tensors too (run those under ``TRITON_INTERPRET=1``).
+
+Nothing op-specific lives here: each ``ops/<op>.py`` asks :func:`choose` once per call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+BACKENDS = ('auto', 'reference', 'triton')
+ENV_VAR = 'LUMIERE_FAST_BACKEND'
+
+_local = threading.local()
+_warned: set[str] = set()
+
+
+def _validate(name, source: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f'{source}: expected a backend name (str) out of {BACKENDS}, got {type(name).__name__}')
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f'{source}: expected one of {BACKENDS}, got {name!r}')
+    return value
+
+
+def get_backend() -> str:
+    """The backend in force now: the innermost :func:`use_backend`, else the environment, else ``auto``."""
+    stack = getattr(_local, 'stack', None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR)
+    if env is None or env.strip() == '':
+        return 'auto'
+    return _validate(env, f'environment variable {ENV_VAR}')
+
+
+@contextmanager
+def use_backend(name: str):
+    """``with use_backend('reference'): ...`` runs the block on that backend, whatever the environment says."""
+    value = _validate(name, 'use_backend')
+    stack = getattr(_local, 'stack', None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(value)
+    try:
+        yield value
+    finally:
+        stack.pop()
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton can run on ``device``: CUDA with triton installed, or any device under the interpreter."""
+    if not triton_available():
+        return False
+    if device.type == 'cuda':
+        return True
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
+    """Return ``'triton'`` or ``'reference'`` for one call of ``op`` on ``tensor``.
+
+    ``has_triton`` says whether the op has a Triton kernel for this call (dtype/size supported). A forced
+    ``triton`` backend that cannot be honoured falls back to the reference with one warning per op, never
+    silently.
+    """
+    backend = get_backend()
+    if backend == 'reference':
+        return 'reference'
+    if backend == 'auto':
+        return 'triton' if (has_triton and tensor.is_cuda and triton_available()) else 'reference'
+    # forced triton
+    if has_triton and triton_runnable(tensor.device):
+        return 'triton'
+    if op not in _warned:
+        _warned.add(op)
+        why = ('no Triton kernel exists for this op yet' if not has_triton else
+               'Triton cannot run here (no CUDA device and TRITON_INTERPRET is not 1, or triton is missing)')
+        warnings.warn(f'{ENV_VAR}=triton: op {op!r} runs on the PyTorch reference because {why}', RuntimeWarning,
+                      stacklevel=3)
+    return 'reference'

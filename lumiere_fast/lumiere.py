@@ -1,0 +1,408 @@
+"""Lumiere / MPLumiere: inflate a text-to-image U-Net into a space-time U-Net.
+
+Temporal modules run as forward hooks after chosen modules of a frozen copy of the image model. A video
+``b c t h w`` is flattened to frames ``(b t) c h w``, the image model runs on the frames, and each temporal
+module folds the frames of its input back into videos (the batch size is set on them per forward).
+
+Beyond upstream (lumiere-pytorch 0.0.24):
+* with no module names, a ``KarrasUnet`` gets the paper's inflation points (:func:`karras_unet_inflation_points`),
+  ``unet_time_kwarg`` defaults to ``'time'``, and the init dry run supplies class labels;
+* one shape-discovery dry run instead of four, in eval mode, under no_grad, on the model's device and dtype,
+  then a check that a mock video keeps its shape;
+* ``ValueError``/``TypeError`` for bad input instead of asserts;
+* the conditioning pre-hook sits only on the modules that receive conditioning tensors (found by the dry
+  run), not on every submodule.
+"""
+
+from __future__ import annotations
+
+import difflib
+from copy import deepcopy
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .modules import (AttentionInflationBlock, ConvolutionInflationBlock, MPAttentionInflationBlock,
+                      MPConvolutionInflationBlock, MPTemporalDownsample, MPTemporalUpsample, TemporalDownsample,
+                      TemporalUpsample)
+from .modules.layout import TemporalModule
+
+KINDS = ('conv', 'attn', 'downsample', 'upsample')
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+# Module-level classes (not closures), so a wrapped model pickles and deep-copies.
+
+class _TemporalHook:
+    """Forward hook: run the temporal module on the output of the image-model module it follows."""
+
+    def __init__(self, temporal_module: nn.Module):
+        self.temporal_module = temporal_module
+
+    def __call__(self, module, args, output):
+        return self.temporal_module(output)
+
+
+def _match_batch(arg, inferred: int):
+    """Upstream's rule for a conditioning tensor next to frames of leading size ``inferred``: fewer rows are
+    repeated per frame ('b ... -> (b t) ...'), more rows keep the first of each group."""
+    if not isinstance(arg, Tensor) or arg.ndim == 0:
+        return arg
+    cond = arg.shape[0]
+    if cond < inferred:
+        return arg.repeat_interleave(inferred // cond, dim=0)
+    if cond > inferred:
+        return arg.reshape(inferred, cond // inferred, *arg.shape[1:])[:, 0]
+    return arg
+
+
+class _ConditioningHook:
+    """Forward pre-hook: make the conditioning tensors follow the frames' (temporally resampled) batch."""
+
+    def __call__(self, module, args, kwargs):
+        if not args or not isinstance(args[0], Tensor) or (len(args) == 1 and not kwargs):
+            return None
+        first, rest = args[0], (args[1:], kwargs)
+        flat, spec = tree_flatten(rest)
+        if not flat:
+            return None
+        inferred = first.shape[0]
+        rest_args, rest_kwargs = tree_unflatten([_match_batch(a, inferred) for a in flat], spec)
+        return (first, *rest_args), rest_kwargs
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _is_karras_unet(model: nn.Module) -> bool:
+    return (type(model).__name__ == 'KarrasUnet' and all(isinstance(getattr(model, n, None), nn.ModuleList)
+                                                         for n in ('downs', 'mids', 'ups')))
+
+
+def karras_unet_inflation_points(unet: nn.Module) -> dict:
+    """The paper's inflation points for a ``KarrasUnet`` (Bar-Tal et al. 2024, sec. 3.1, fig. 4).
+
+    * ``downsample``: after every spatially downsampling encoder (``downsample=True``);
+    * ``upsample``: after every spatially upsampling decoder (``upsample=True``);
+    * ``conv``: at every level but the coarsest, after the last encoder and after the last non-upsampling
+      decoder of that level (one temporal conv block per level on each path);
+    * ``attn``: at the coarsest level, after its last encoder, after each of the two middle decoders, and
+      after its last non-upsampling decoder.
+    """
+    if not _is_karras_unet(unet):
+        raise TypeError(f'karras_unet_inflation_points: expected a KarrasUnet, got {type(unet).__name__}')
+    enc, dec = [], []            # (name, output level, resizes)
+    level = 0
+    for i, block in enumerate(unet.downs):
+        resizes = bool(getattr(block, 'downsample', False))
+        level += resizes
+        enc.append((f'downs.{i}', level, resizes))
+    coarsest = level
+    for i, block in enumerate(unet.ups):
+        resizes = bool(getattr(block, 'upsample', False))
+        level -= resizes
+        dec.append((f'ups.{i}', level, resizes))
+
+    def last(blocks, lvl):
+        names = [n for n, l, r in blocks if l == lvl and not r]
+        return names[-1:] if names else []
+
+    conv = [n for lvl in range(coarsest) for n in last(enc, lvl)] + \
+           [n for lvl in reversed(range(coarsest)) for n in last(dec, lvl)]
+    attn = last(enc, coarsest) + [f'mids.{i}' for i in range(len(unet.mids))] + last(dec, coarsest)
+    return dict(conv=conv, attn=attn,
+                downsample=[n for n, _, r in enc if r], upsample=[n for n, _, r in dec if r])
+
+
+def _candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
+    """Module names worth inflating: blocks held in containers, and top-level children."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        parent = model.get_submodule(name.rpartition('.')[0]) if '.' in name else model
+        if '.' not in name or isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            names.append(name)
+    return names[:limit]
+
+
+def _first_param(model: nn.Module):
+    for p in model.parameters():
+        return p
+    for b in model.buffers():
+        return b
+    return None
+
+
+def _check_names(kind: str, names, modules: dict) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f'{kind}_module_names: expected a list of module names, got {type(names).__name__}')
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f'{kind}_module_names: expected module names as str, got {type(name).__name__}')
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f'; did you mean {close}?' if close else ''
+            raise ValueError(f'{kind}_module_names: module {name!r} not found in the model{hint}')
+    if len(set(names)) != len(names):
+        raise ValueError(f'{kind}_module_names: names must be unique, got {list(names)}')
+    return list(names)
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+
+class Lumiere(nn.Module):
+    """Wrap a text-to-image model; see the module docstring. Upstream's constructor, plus:
+
+    ``conv_module_names`` etc. may all be left out for a ``KarrasUnet`` (the paper's points are used);
+    ``channels`` defaults to the model's ``channels`` attribute (else 3); ``dry_run_kwargs`` adds keyword
+    arguments the model needs for the init dry run (class labels are supplied for a class-conditional
+    KarrasUnet).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        image_size: int,
+        unet_time_kwarg: str = 'time',
+        conv_module_names: list[str] | None = None,
+        attn_module_names: list[str] | None = None,
+        downsample_module_names: list[str] | None = None,
+        upsample_module_names: list[str] | None = None,
+        channels: int | None = None,
+        conv_inflation_kwargs: dict | None = None,
+        attn_inflation_kwargs: dict | None = None,
+        downsample_kwargs: dict | None = None,
+        upsample_kwargs: dict | None = None,
+        conv_klass=ConvolutionInflationBlock,
+        attn_klass=AttentionInflationBlock,
+        downsample_klass=TemporalDownsample,
+        upsample_klass=TemporalUpsample,
+        dry_run_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f'Lumiere: expected the image model as an nn.Module, got {type(model).__name__}')
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise ValueError(f'Lumiere: expected image_size as a positive int, got {image_size!r}')
+        if not isinstance(unet_time_kwarg, str) or not unet_time_kwarg:
+            raise TypeError(f'Lumiere: expected unet_time_kwarg as a keyword name (str), got {unet_time_kwarg!r}')
+        if channels is None:
+            channels = getattr(model, 'channels', 3)
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f'Lumiere: expected channels as a positive int, got {channels!r}')
+        for label, kw in (('conv_inflation_kwargs', conv_inflation_kwargs), ('attn_inflation_kwargs',
+                          attn_inflation_kwargs), ('downsample_kwargs', downsample_kwargs),
+                          ('upsample_kwargs', upsample_kwargs), ('dry_run_kwargs', dry_run_kwargs)):
+            if kw is not None and not isinstance(kw, dict):
+                raise TypeError(f'Lumiere: expected {label} as a dict, got {type(kw).__name__}')
+
+        model = deepcopy(model)
+        model.requires_grad_(False)
+        self.model = model
+        self.channels = channels
+        self.image_size = image_size
+        self.unet_time_kwarg = unet_time_kwarg
+        self.temporal_klasses = (conv_klass, attn_klass, downsample_klass, upsample_klass)
+
+        modules = {name: m for name, m in model.named_modules() if not isinstance(m, nn.ModuleList)}
+        given = dict(conv=conv_module_names, attn=attn_module_names, downsample=downsample_module_names,
+                     upsample=upsample_module_names)
+        if all(v is None for v in given.values()):
+            if not _is_karras_unet(model):
+                raise ValueError(
+                    f'Lumiere: no module names given, and automatic inflation points exist only for a KarrasUnet '
+                    f'(got {type(model).__name__}); pass conv_module_names (and attn/downsample/upsample_module_names)'
+                    f' out of candidates such as {_candidate_names(model)}')
+            given = karras_unet_inflation_points(model)
+        names = {kind: _check_names(kind, given[kind], modules) for kind in KINDS}
+        if len(names['downsample']) != len(names['upsample']):
+            raise ValueError(f'Lumiere: expected as many temporal upsamples as downsamples, got '
+                             f'{len(names["downsample"])} downsample and {len(names["upsample"])} upsample modules')
+        used = [n for kind in KINDS for n in names[kind]]
+        if len(set(used)) != len(used):
+            dup = sorted({n for n in used if used.count(n) > 1})
+            raise ValueError(f'Lumiere: each module can carry one temporal module, got {dup} in several lists')
+
+        order, shapes, conditioned = self._dry_run(modules, set(used), dry_run_kwargs or {})
+
+        for kind in KINDS:
+            missing = [n for n in names[kind] if n not in shapes]
+            if missing:
+                raise ValueError(f'Lumiere: {kind} module(s) {missing} did not run in the dry run')
+            names[kind].sort(key=order.index)       # execution order fixes the index N of convs.N etc.
+        klass = dict(zip(KINDS, self.temporal_klasses))
+        kwargs = dict(conv=conv_inflation_kwargs, attn=attn_inflation_kwargs, downsample=downsample_kwargs,
+                      upsample=upsample_kwargs)
+        built = {}
+        for kind in KINDS:
+            temporal = []
+            for name in names[kind]:
+                shape = shapes[name]
+                if len(shape) != 4:
+                    raise ValueError(f'Lumiere: module {name!r} outputs shape {tuple(shape)}; a temporal module '
+                                     f'needs a 4-dim (b t) c h w output')
+                m = klass[kind](dim=shape[1], **(kwargs[kind] or {}))
+                temporal.append(m)
+            built[kind] = nn.ModuleList(temporal)
+        self.convs, self.attns = built['conv'], built['attn']
+        self.downsamples, self.upsamples = built['downsample'], built['upsample']
+        self.module_names = {kind: list(names[kind]) for kind in KINDS}
+
+        for kind in KINDS:
+            for name, temporal in zip(names[kind], built[kind]):
+                modules[name].register_forward_hook(_TemporalHook(temporal))
+
+        # conditioning follows the frames: only where the dry run saw extra tensors (or never ran the module)
+        hook = _ConditioningHook()
+        for name, m in modules.items():
+            if name == '' or name in conditioned or name not in order:
+                m.register_forward_pre_hook(hook, with_kwargs=True)
+
+        if len(self.parameters()) == 0:
+            raise ValueError('Lumiere: no temporal parameters to be learned (all module name lists are empty)')
+
+        self._check_mock_video(dry_run_kwargs or {})
+
+    # -- init helpers -------------------------------------------------------------------------------------
+
+    def _mock_kwargs(self, batch: int, device, extra: dict) -> dict:
+        kwargs = {self.unet_time_kwarg: torch.ones((batch,), device=device)}
+        if getattr(self.model, 'needs_class_labels', False):
+            kwargs['class_labels'] = torch.zeros((batch,), dtype=torch.long, device=device)
+        kwargs.update(extra)
+        return kwargs
+
+    def _mock_images(self, n: int):
+        p = _first_param(self.model)
+        device = p.device if p is not None else torch.device('cpu')
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        return torch.randn(n, self.channels, self.image_size, self.image_size, device=device, dtype=dtype), device
+
+    def _dry_run(self, modules: dict, wanted: set, extra: dict):
+        """One forward of a mock image: execution order and output shape of every module, and which modules
+        receive conditioning tensors besides their input."""
+        order, shapes, conditioned, handles = [], {}, set(), []
+
+        def pre(name):
+            def fn(module, args, kwargs):
+                flat, _ = tree_flatten((args[1:], kwargs))
+                if args and isinstance(args[0], Tensor) and any(isinstance(a, Tensor) for a in flat):
+                    conditioned.add(name)
+            return fn
+
+        def post(name):
+            def fn(module, args, output):
+                if name in shapes and name in wanted:
+                    raise ValueError(f'Lumiere: module {name!r} runs more than once per forward; a temporal module '
+                                     f'can only follow a module that runs once')
+                order.append(name)
+                shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
+            return fn
+
+        for name, m in modules.items():
+            if name:
+                handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+                handles.append(m.register_forward_hook(post(name)))
+        was_training = {m: m.training for m in self.model.modules()}
+        images, device = self._mock_images(1)
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(images, **self._mock_kwargs(1, device, extra))
+        except (ValueError, TypeError):
+            raise
+        except Exception as err:
+            raise RuntimeError(f'Lumiere: the init dry run of {type(self.model).__name__} on a mock image of shape '
+                               f'{tuple(images.shape)} failed ({type(err).__name__}: {err}); pass what the model '
+                               f'needs with dry_run_kwargs=') from err
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in was_training.items():
+                m.train(mode)
+        return order, shapes, conditioned
+
+    def _check_mock_video(self, extra: dict):
+        """The Todo item of the original README: a mock video must come out with its own shape."""
+        images, device = self._mock_images(self.downsample_factor)
+        video = images.unsqueeze(0).transpose(1, 2)                  # 1 c t h w
+        was_training = {m: m.training for m in self.modules()}
+        try:
+            self.eval()
+            with torch.no_grad():
+                out = self(video, **self._mock_kwargs(1, device, extra))
+        finally:
+            for m, mode in was_training.items():
+                m.train(mode)
+        if tuple(out.shape) != tuple(video.shape):
+            raise ValueError(f'Lumiere: the inflated model maps a mock video of shape {tuple(video.shape)} to '
+                             f'{tuple(out.shape)}; check the module names (down/upsamples must pair up)')
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.downsamples)
+
+    def temporal_modules(self):
+        """The temporal modules, in the order conv, attn, downsample, upsample."""
+        for group in (self.convs, self.attns, self.downsamples, self.upsamples):
+            yield from group
+
+    def parameters(self, recurse: bool = True) -> list:
+        """Only the temporal parameters (the image model is frozen); a list, as upstream, so ``len()`` works."""
+        return [p for group in (self.convs, self.attns, self.downsamples, self.upsamples)
+                for p in group.parameters(recurse)]
+
+    def _check_video(self, video, args, kwargs):
+        if not isinstance(video, Tensor):
+            raise TypeError(f'Lumiere: expected the video as a tensor, got {type(video).__name__}')
+        if video.ndim != 5:
+            raise ValueError(f'Lumiere: expected a video of shape (batch, channels, frames, height, width), got '
+                             f'shape {tuple(video.shape)}')
+        b, c, t, h, w = video.shape
+        if c != self.channels:
+            raise ValueError(f'Lumiere: expected {self.channels} channels, got {c} (video shape {tuple(video.shape)})')
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f'Lumiere: expected frames of {self.image_size}x{self.image_size}, got {h}x{w}')
+        if t < 1 or t % self.downsample_factor:
+            raise ValueError(f'Lumiere: expected the number of frames divisible by {self.downsample_factor} '
+                             f'(2 ** {len(self.downsamples)} temporal downsamples), got {t}')
+        p = _first_param(self.model)
+        if p is not None:
+            if video.device != p.device:
+                raise ValueError(f'Lumiere: video is on {video.device} but the model is on {p.device}')
+            if not video.is_floating_point():
+                raise TypeError(f'Lumiere: expected a floating-point video, got {video.dtype}')
+            if video.dtype != p.dtype and not torch.is_autocast_enabled(video.device.type):
+                raise TypeError(f'Lumiere: video dtype {video.dtype} does not match the model dtype {p.dtype} '
+                                f'(cast one of them, or run under torch.autocast)')
+        flat, _ = tree_flatten((args, kwargs))
+        for arg in flat:
+            if isinstance(arg, Tensor) and arg.ndim > 0 and arg.shape[0] not in (b, b * t):
+                raise ValueError(f'Lumiere: a conditioning tensor has leading size {arg.shape[0]}; expected the '
+                                 f'batch size {b} (one per video) or batch*frames {b * t} (one per frame)')
+
+    def forward(self, video: Tensor, *args, **kwargs) -> Tensor:
+        """b c t h w -> b c t h w; extra arguments (time, class labels, ...) go to the image model."""
+        self._check_video(video, args, kwargs)
+        b, c, t, h, w = video.shape
+        images = video.transpose(1, 2).reshape(b * t, c, h, w)     # b c t h w -> (b t) c h w
+        for m in self.temporal_modules():
+            m.batch_dim = b
+        images = self.model(images, *args, **kwargs)
+        return images.reshape(b, t, *images.shape[1:]).transpose(1, 2)   # (b t) c h w -> b c t h w
+
+
+MPLumiere = partial(
+    Lumiere,
+    conv_klass=MPConvolutionInflationBlock,
+    attn_klass=MPAttentionInflationBlock,
+    downsample_klass=MPTemporalDownsample,
+    upsample_klass=MPTemporalUpsample,
+)
