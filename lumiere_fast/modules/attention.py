@@ -43,19 +43,27 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """x-transformers' Attention for its defaults: bias-free q/k/v/out projections, softmax in fp32."""
+    """x-transformers' Attention for its defaults: bias-free q/k/v/out projections, softmax in fp32.
+
+    As in x-transformers, a single head has no output projection (``to_out`` is an identity), so its
+    ``dim_head`` must equal ``dim``.
+    """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.):
         super().__init__()
+        if heads == 1 and dim_head != dim:
+            raise ValueError(f'AttentionInflationBlock: with heads=1 there is no output projection (as in '
+                             f'x-transformers), so dim_head must equal dim={dim}; got dim_head={dim_head}')
         hidden = heads * dim_head
         self.heads, self.dim_head, self.dropout = heads, dim_head, float(dropout)
         self.to_q = nn.Linear(dim, hidden, bias=False)
         self.to_k = nn.Linear(dim, hidden, bias=False)
         self.to_v = nn.Linear(dim, hidden, bias=False)
-        self.to_out = nn.Linear(hidden, dim, bias=False)
+        self.to_out = nn.Linear(hidden, dim, bias=False) if heads > 1 else nn.Identity()
 
     def weights(self):
-        return self.to_q.weight, self.to_k.weight, self.to_v.weight, self.to_out.weight
+        wo = self.to_out.weight if isinstance(self.to_out, nn.Linear) else None
+        return self.to_q.weight, self.to_k.weight, self.to_v.weight, wo
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.attention_layer_ref(x, None, *self.weights(), self.heads, self.dropout, self.training, False)

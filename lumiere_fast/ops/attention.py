@@ -10,7 +10,7 @@ MP (MPAttentionInflationBlock), x (b t) c H W, all weights already MP-normalised
         s = mp_add(merge_heads(o) @ out_weight^T, s, t=0.3)
     out = mp_add((s @ proj_weight^T) * gain  as (b t) c H W,  x, t=mp_add_t)
 
-Non-MP (AttentionInflationBlock, x-transformers semantics), per layer (g or None, wq, wk, wv, wo):
+Non-MP (AttentionInflationBlock, x-transformers semantics), per layer (g or None, wq, wk, wv, wo or None):
     n = rmsnorm(s) * g  if prenorm            (F.normalize over c, times sqrt(c))
     o = dropout(softmax(q k^T / sqrt(d), fp32)) v  with q, k, v = n wq^T, n wk^T, n wv^T
     s = o wo^T (+ s if residual_attn)
@@ -60,7 +60,7 @@ def mp_attention_layer_ref(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, me
     return mp_add(out, s, MP_ATTN_ADD_T)
 
 
-def attention_layer_ref(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, heads: int,
+def attention_layer_ref(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor | None, heads: int,
                         dropout: float = 0., training: bool = False, residual: bool = True) -> Tensor:
     """(n, t, c) -> (n, t, c): RMSNorm pre-norm (if g is given), x-transformers attention, residual."""
     n_ = s if g is None else F.normalize(s, dim=-1) * sqrt(s.shape[-1]) * g
@@ -69,7 +69,8 @@ def attention_layer_ref(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv:
     # a fused kernel's different summation order would show in the parity tests
     sim = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     attn = F.dropout(sim.softmax(dim=-1, dtype=torch.float32).to(sim.dtype), dropout, training)
-    out = F.linear(_merge_heads(attn @ v), wo)
+    out = _merge_heads(attn @ v)
+    out = out if wo is None else F.linear(out, wo)          # x-transformers: one head has no output projection
     return out + s if residual else out
 
 
