@@ -249,6 +249,10 @@ class Lumiere(nn.Module):
                 m = klass[kind](dim=shape[1], **(kwargs[kind] or {}))
                 temporal.append(m)
             built[kind] = nn.ModuleList(temporal)
+        p = _first_param(model)
+        if p is not None and p.is_floating_point():     # temporal modules live where the image model lives
+            for group in built.values():
+                group.to(device=p.device, dtype=p.dtype)
         self.convs, self.attns = built['conv'], built['attn']
         self.downsamples, self.upsamples = built['downsample'], built['upsample']
         self.module_names = {kind: list(names[kind]) for kind in KINDS}
@@ -270,8 +274,8 @@ class Lumiere(nn.Module):
 
     # -- init helpers -------------------------------------------------------------------------------------
 
-    def _mock_kwargs(self, batch: int, device, extra: dict) -> dict:
-        kwargs = {self.unet_time_kwarg: torch.ones((batch,), device=device)}
+    def _mock_kwargs(self, batch: int, device, dtype, extra: dict) -> dict:
+        kwargs = {self.unet_time_kwarg: torch.ones((batch,), device=device, dtype=dtype)}
         if getattr(self.model, 'needs_class_labels', False):
             kwargs['class_labels'] = torch.zeros((batch,), dtype=torch.long, device=device)
         kwargs.update(extra)
@@ -281,7 +285,7 @@ class Lumiere(nn.Module):
         p = _first_param(self.model)
         device = p.device if p is not None else torch.device('cpu')
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        return torch.randn(n, self.channels, self.image_size, self.image_size, device=device, dtype=dtype), device
+        return torch.randn(n, self.channels, self.image_size, self.image_size, device=device, dtype=dtype)
 
     def _dry_run(self, modules: dict, wanted: set, extra: dict):
         """One forward of a mock image: execution order and output shape of every module, and which modules
@@ -309,13 +313,11 @@ class Lumiere(nn.Module):
                 handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
                 handles.append(m.register_forward_hook(post(name)))
         was_training = {m: m.training for m in self.model.modules()}
-        images, device = self._mock_images(1)
+        images = self._mock_images(1)
         try:
             self.model.eval()
             with torch.no_grad():
-                self.model(images, **self._mock_kwargs(1, device, extra))
-        except (ValueError, TypeError):
-            raise
+                self.model(images, **self._mock_kwargs(1, images.device, images.dtype, extra))
         except Exception as err:
             raise RuntimeError(f'Lumiere: the init dry run of {type(self.model).__name__} on a mock image of shape '
                                f'{tuple(images.shape)} failed ({type(err).__name__}: {err}); pass what the model '
@@ -329,13 +331,13 @@ class Lumiere(nn.Module):
 
     def _check_mock_video(self, extra: dict):
         """The Todo item of the original README: a mock video must come out with its own shape."""
-        images, device = self._mock_images(self.downsample_factor)
+        images = self._mock_images(self.downsample_factor)
         video = images.unsqueeze(0).transpose(1, 2)                  # 1 c t h w
         was_training = {m: m.training for m in self.modules()}
         try:
             self.eval()
             with torch.no_grad():
-                out = self(video, **self._mock_kwargs(1, device, extra))
+                out = self(video, **self._mock_kwargs(1, images.device, images.dtype, extra))
         finally:
             for m, mode in was_training.items():
                 m.train(mode)
