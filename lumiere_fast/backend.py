@@ -77,8 +77,31 @@ def triton_runnable(device: torch.device) -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+@contextmanager
+def record_choices():
+    """``with record_choices() as seen: ...`` collects ``{op: {'triton' | 'reference', ...}}``: what each op call
+    in the block really ran (thread-local; nests)."""
+    stack = getattr(_local, 'recorders', None)
+    if stack is None:
+        stack = _local.recorders = []
+    seen: dict[str, set[str]] = {}
+    stack.append(seen)
+    try:
+        yield seen
+    finally:
+        del stack[next(i for i, r in enumerate(stack) if r is seen)]     # by identity: equal dicts may nest
+
+
 def choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
-    """Return ``'triton'`` or ``'reference'`` for one call of ``op`` on ``tensor``.
+    """Return ``'triton'`` or ``'reference'`` for one call of ``op`` on ``tensor`` (and record it)."""
+    choice = _choose(op, tensor, has_triton)
+    for seen in getattr(_local, 'recorders', ()):
+        seen.setdefault(op, set()).add(choice)
+    return choice
+
+
+def _choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
+    """The decision of :func:`choose`.
 
     ``has_triton`` says whether the op has a Triton kernel for this call (dtype/size supported). A forced
     ``triton`` backend that cannot be honoured falls back to the reference with one warning per op, never

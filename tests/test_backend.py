@@ -92,3 +92,13 @@ def test_modules_run_under_every_backend():
             outs.append(block(x))
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0])
+
+
+def test_record_choices_sees_what_ran():
+    x, w = torch.randn(2, 3, 4), torch.randn(3, 3, 3)
+    with backend.record_choices() as outer:
+        with backend.use_backend('reference'), backend.record_choices() as inner:
+            ops.temporal_conv1d(x, w)
+        ops.fold_frames(torch.randn(4, 3, 2, 2), 2)
+    assert inner == {'temporal_conv1d': {'reference'}}
+    assert outer == {'temporal_conv1d': {'reference'}, 'fold_frames': {'reference'}}
