@@ -42,4 +42,4 @@ def bench_block_fwd_bwd(benchmark, device_name, block, impl):
         out.float().square().mean().backward()
         sync(device)
 
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=15, warmup_rounds=2)

@@ -42,7 +42,7 @@ def bench_train_step(benchmark, device_name, family, impl):
     video = torch.randn(cfg['batch'], 3, cfg['frames'], cfg['image_size'], cfg['image_size'], device=device)
     time = torch.rand(cfg['batch'], device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    benchmark.group = f'train step {family or "non-"}MP Lumiere {device_name} {cfg}'
+    benchmark.group = f'train step {family or "non-MP"} Lumiere {device_name} {cfg}'
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -51,7 +51,7 @@ def bench_train_step(benchmark, device_name, family, impl):
         opt.step()
         sync(device)
 
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=7, warmup_rounds=1)
 
 
 @pytest.mark.parametrize('device_name', DEVICES)
@@ -63,11 +63,11 @@ def bench_forward(benchmark, device_name, family, impl):
     model = _build(impl, family, device, cfg['image_size']).eval()
     video = torch.randn(cfg['batch'], 3, cfg['frames'], cfg['image_size'], cfg['image_size'], device=device)
     time = torch.rand(cfg['batch'], device=device)
-    benchmark.group = f'forward {family or "non-"}MP Lumiere {device_name} {cfg}'
+    benchmark.group = f'forward {family or "non-MP"} Lumiere {device_name} {cfg}'
 
     def forward():
         with torch.no_grad():
             model(video, time=time)
         sync(device)
 
-    benchmark.pedantic(forward, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(forward, rounds=7, warmup_rounds=1)
