@@ -35,39 +35,27 @@ def _build(impl: str, family: str, device, image_size: int):
 @pytest.mark.parametrize('device_name', DEVICES)
 @pytest.mark.parametrize('family', ['MP', ''])
 @pytest.mark.parametrize('impl', ['lumiere_fast', 'upstream'])
-def bench_train_step(benchmark, device_name, family, impl):
+@pytest.mark.parametrize('phase', ['train step', 'forward'])
+def bench_lumiere(benchmark, phase, device_name, family, impl):
+    """train step: forward + backward into the temporal parameters + SGD step, train mode (the MP layers
+    renormalise in place, as in training); forward: eval mode under no_grad."""
     device = device_or_skip(device_name)
     cfg = CONFIGS[device_name]
-    model = _build(impl, family, device, cfg['image_size']).train()
+    model = _build(impl, family, device, cfg['image_size']).train(phase == 'train step')
     video = torch.randn(cfg['batch'], 3, cfg['frames'], cfg['image_size'], cfg['image_size'], device=device)
     time = torch.rand(cfg['batch'], device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    benchmark.group = f'train step {family or "non-MP"} Lumiere {device_name} {cfg}'
+    benchmark.group = f'{phase} {family or "non-MP"} Lumiere {device_name} {cfg}'
 
-    def step():
+    def train_step():
         opt.zero_grad(set_to_none=True)
-        loss = model(video, time=time).square().mean()
-        loss.backward()
+        model(video, time=time).square().mean().backward()
         opt.step()
         sync(device)
-
-    benchmark.pedantic(step, rounds=7, warmup_rounds=1)
-
-
-@pytest.mark.parametrize('device_name', DEVICES)
-@pytest.mark.parametrize('family', ['MP', ''])
-@pytest.mark.parametrize('impl', ['lumiere_fast', 'upstream'])
-def bench_forward(benchmark, device_name, family, impl):
-    device = device_or_skip(device_name)
-    cfg = CONFIGS[device_name]
-    model = _build(impl, family, device, cfg['image_size']).eval()
-    video = torch.randn(cfg['batch'], 3, cfg['frames'], cfg['image_size'], cfg['image_size'], device=device)
-    time = torch.rand(cfg['batch'], device=device)
-    benchmark.group = f'forward {family or "non-MP"} Lumiere {device_name} {cfg}'
 
     def forward():
         with torch.no_grad():
             model(video, time=time)
         sync(device)
 
-    benchmark.pedantic(forward, rounds=7, warmup_rounds=1)
+    benchmark.pedantic(train_step if phase == 'train step' else forward, rounds=7, warmup_rounds=1)

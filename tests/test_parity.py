@@ -122,18 +122,17 @@ def test_mp_attention_block_parity_frames_and_mp_add_t():
     _compare(u, o, torch.randn(3 * 4, 8, 2, 3), 'train', dict(batch_size=3), what='MP attention frames')
 
 
-@pytest.mark.parametrize('klass', ['TemporalDownsample', 'MPTemporalDownsample'])
-@pytest.mark.parametrize('dim,t,h,w', [(4, 2, 3, 2), (9, 6, 2, 5), (16, 8, 1, 1), (5, 12, 3, 3)])
-@pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_downsample_parity(klass, dim, t, h, w, mode):
-    u, o = _pair(klass, dim)
-    _compare(u, o, torch.randn(2, dim, t, h, w), mode, what=klass)
+RESAMPLE_CASES = [  # klass, dim, frames, h, w: halving needs an even frame count, doubling takes any
+    *((k, *shape) for k in ('TemporalDownsample', 'MPTemporalDownsample')
+      for shape in [(4, 2, 3, 2), (9, 6, 2, 5), (16, 8, 1, 1), (5, 12, 3, 3)]),
+    *((k, *shape) for k in ('TemporalUpsample', 'MPTemporalUpsample')
+      for shape in [(4, 1, 3, 2), (9, 3, 2, 5), (16, 4, 1, 1), (5, 7, 3, 3)]),
+]
 
 
-@pytest.mark.parametrize('klass', ['TemporalUpsample', 'MPTemporalUpsample'])
-@pytest.mark.parametrize('dim,t,h,w', [(4, 1, 3, 2), (9, 3, 2, 5), (16, 4, 1, 1), (5, 7, 3, 3)])
+@pytest.mark.parametrize('klass,dim,t,h,w', RESAMPLE_CASES)
 @pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_upsample_parity(klass, dim, t, h, w, mode):
+def test_resample_parity(klass, dim, t, h, w, mode):
     u, o = _pair(klass, dim)
     _compare(u, o, torch.randn(2, dim, t, h, w), mode, what=klass)
 
