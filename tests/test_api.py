@@ -376,3 +376,19 @@ def test_wrapping_a_bf16_model_and_per_frame_time():
     with torch.no_grad():
         out = lum.to(torch.bfloat16)(video, time=torch.rand(8, dtype=torch.bfloat16))
     assert out.shape == video.shape and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('klass,kw', [(ConvolutionInflationBlock, {}), (MPConvolutionInflationBlock, {}),
+                                      (AttentionInflationBlock, dict(heads=2, dim_head=4)),
+                                      (MPAttentionInflationBlock, dict(heads=2, dim_head=4)),
+                                      (TemporalDownsample, {}), (TemporalUpsample, {}), (MPTemporalDownsample, {}),
+                                      (MPTemporalUpsample, {})])
+def test_channel_last_is_the_same_block_with_channels_moved(klass, kw):
+    """Upstream raises RuntimeError for channel_last=True in every block; ours takes b t h w c / (b t) h w c."""
+    first = klass(dim=6, **kw).eval()
+    last = klass(dim=6, channel_last=True, **kw).eval()
+    last.load_state_dict(first.state_dict())
+    video = torch.randn(2, 6, 4, 3, 5)
+    torch.testing.assert_close(last(video.movedim(1, -1)), first(video).movedim(1, -1))
+    frames = torch.randn(8, 6, 3, 5)
+    torch.testing.assert_close(last(frames.movedim(1, -1), batch_size=2), first(frames, batch_size=2).movedim(1, -1))
