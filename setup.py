@@ -17,7 +17,7 @@ setup(
     packages=['lumiere_fast', 'lumiere_fast.ops', 'lumiere_fast.modules', 'lumiere_fast.kernels'],
     package_dir={'lumiere_fast.kernels': 'kernels'},
     install_requires=[
-        'torch>=2.3',
+        'torch>=2.4',
         'einops>=0.7',
         'tqdm>=4.60',
         'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',

@@ -10,13 +10,14 @@ Beyond upstream (lumiere-pytorch 0.0.24):
 * one shape-discovery dry run instead of four, in eval mode, under no_grad, on the model's device and dtype,
   then a check that a mock video keeps its shape;
 * ``ValueError``/``TypeError`` for bad input instead of asserts;
-* the conditioning pre-hook sits only on the modules that receive conditioning tensors (found by the dry
-  run), not on every submodule.
+* the conditioning pre-hook sits only on modules whose forward can take more than its input, not on every
+  submodule (same results, fewer Python calls per forward).
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from copy import deepcopy
 from functools import partial
 
@@ -74,6 +75,25 @@ class _ConditioningHook:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+_EXTRA_ARGS_CACHE: dict[type, bool] = {}
+
+
+def _takes_conditioning(module: nn.Module) -> bool:
+    """Whether ``module.forward`` can receive anything besides its input (a second parameter, *args or
+    **kwargs). A module that cannot is never handed a conditioning tensor, so it needs no pre-hook; this
+    skips the per-call hook on the bulk of a U-Net's modules (convs, norms, activations)."""
+    klass = type(module)
+    if klass not in _EXTRA_ARGS_CACHE:
+        try:
+            params = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):
+            _EXTRA_ARGS_CACHE[klass] = True
+        else:
+            variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+            _EXTRA_ARGS_CACHE[klass] = variadic or len(params) > 1
+    return _EXTRA_ARGS_CACHE[klass]
+
 
 def _is_karras_unet(model: nn.Module) -> bool:
     return (type(model).__name__ == 'KarrasUnet' and all(isinstance(getattr(model, n, None), nn.ModuleList)
@@ -228,7 +248,7 @@ class Lumiere(nn.Module):
             dup = sorted({n for n in used if used.count(n) > 1})
             raise ValueError(f'Lumiere: each module can carry one temporal module, got {dup} in several lists')
 
-        order, shapes, conditioned = self._dry_run(modules, set(used), dry_run_kwargs or {})
+        order, shapes = self._dry_run(modules, set(used), dry_run_kwargs or {})
 
         for kind in KINDS:
             missing = [n for n in names[kind] if n not in shapes]
@@ -261,10 +281,10 @@ class Lumiere(nn.Module):
             for name, temporal in zip(names[kind], built[kind]):
                 modules[name].register_forward_hook(_TemporalHook(temporal))
 
-        # conditioning follows the frames: only where the dry run saw extra tensors (or never ran the module)
+        # conditioning follows the frames (upstream's pre-hook), on every module that can be handed any
         hook = _ConditioningHook()
-        for name, m in modules.items():
-            if name == '' or name in conditioned or name not in order:
+        for m in self.model.modules():
+            if m is self.model or _takes_conditioning(m):
                 m.register_forward_pre_hook(hook, with_kwargs=True)
 
         if len(self.parameters()) == 0:
@@ -288,29 +308,19 @@ class Lumiere(nn.Module):
         return torch.randn(n, self.channels, self.image_size, self.image_size, device=device, dtype=dtype)
 
     def _dry_run(self, modules: dict, wanted: set, extra: dict):
-        """One forward of a mock image: execution order and output shape of every module, and which modules
-        receive conditioning tensors besides their input."""
-        order, shapes, conditioned, handles = [], {}, set(), []
-
-        def pre(name):
-            def fn(module, args, kwargs):
-                flat, _ = tree_flatten((args[1:], kwargs))
-                if args and isinstance(args[0], Tensor) and any(isinstance(a, Tensor) for a in flat):
-                    conditioned.add(name)
-            return fn
+        """One forward of a mock image: execution order and output shape of every module."""
+        order, shapes, handles, reused = [], {}, [], []
 
         def post(name):
             def fn(module, args, output):
                 if name in shapes and name in wanted:
-                    raise ValueError(f'Lumiere: module {name!r} runs more than once per forward; a temporal module '
-                                     f'can only follow a module that runs once')
+                    reused.append(name)
                 order.append(name)
                 shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
             return fn
 
         for name, m in modules.items():
             if name:
-                handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
                 handles.append(m.register_forward_hook(post(name)))
         was_training = {m: m.training for m in self.model.modules()}
         images = self._mock_images(1)
@@ -319,18 +329,29 @@ class Lumiere(nn.Module):
             with torch.no_grad():
                 self.model(images, **self._mock_kwargs(1, images.device, images.dtype, extra))
         except Exception as err:
-            raise RuntimeError(f'Lumiere: the init dry run of {type(self.model).__name__} on a mock image of shape '
-                               f'{tuple(images.shape)} failed ({type(err).__name__}: {err}); pass what the model '
-                               f'needs with dry_run_kwargs=') from err
+            # the model rejected the mock call: the wrapper's settings do not fit it
+            klass = TypeError if isinstance(err, TypeError) else ValueError
+            raise klass(f'Lumiere: the init dry run {type(self.model).__name__}(mock image {tuple(images.shape)}, '
+                        f'{self.unet_time_kwarg}=...) failed with {type(err).__name__}: {err}. Check channels, '
+                        f'image_size and unet_time_kwarg, and pass what else the model needs with dry_run_kwargs=') \
+                from err
         finally:
             for h in handles:
                 h.remove()
             for m, mode in was_training.items():
                 m.train(mode)
-        return order, shapes, conditioned
+        if reused:
+            raise ValueError(f'Lumiere: module(s) {sorted(set(reused))} run more than once per forward; a temporal '
+                             f'module can only follow a module that runs once')
+        return order, shapes
 
     def _check_mock_video(self, extra: dict):
-        """The Todo item of the original README: a mock video must come out with its own shape."""
+        """The Todo item of the original README: a mock video must come out with its own shape.
+
+        Skipped when a temporal module has a fixed ``time_dim``: the frame count it needs at its level is the
+        user's choice, not one a mock video can guess."""
+        if any(getattr(m, 'time_dim', None) is not None for m in self.temporal_modules()):
+            return
         images = self._mock_images(self.downsample_factor)
         video = images.unsqueeze(0).transpose(1, 2)                  # 1 c t h w
         was_training = {m: m.training for m in self.modules()}
@@ -341,6 +362,8 @@ class Lumiere(nn.Module):
         finally:
             for m, mode in was_training.items():
                 m.train(mode)
+            for m in self.temporal_modules():
+                m.batch_dim = None            # as after upstream's init: set per forward, not left at the mock's 1
         if tuple(out.shape) != tuple(video.shape):
             raise ValueError(f'Lumiere: the inflated model maps a mock video of shape {tuple(video.shape)} to '
                              f'{tuple(out.shape)}; check the module names (down/upsamples must pair up)')
@@ -386,9 +409,10 @@ class Lumiere(nn.Module):
                                 f'(cast one of them, or run under torch.autocast)')
         flat, _ = tree_flatten((args, kwargs))
         for arg in flat:
-            if isinstance(arg, Tensor) and arg.ndim > 0 and arg.shape[0] not in (b, b * t):
+            if isinstance(arg, Tensor) and arg.ndim > 0 and (arg.shape[0] == 0 or (b * t) % arg.shape[0]):
                 raise ValueError(f'Lumiere: a conditioning tensor has leading size {arg.shape[0]}; expected the '
-                                 f'batch size {b} (one per video) or batch*frames {b * t} (one per frame)')
+                                 f'batch size {b} (one per video), batch*frames {b * t} (one per frame), or another '
+                                 f'divisor of {b * t} (repeated, as upstream does)')
 
     def forward(self, video: Tensor, *args, **kwargs) -> Tensor:
         """b c t h w -> b c t h w; extra arguments (time, class labels, ...) go to the image model."""

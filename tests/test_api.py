@@ -209,7 +209,7 @@ def test_only_temporal_parameters_are_learned():
     temporal = {id(p) for m in lum.temporal_modules() for p in m.parameters()}
     assert {id(p) for p in params} == temporal
     assert all(not p.requires_grad for p in lum.model.parameters())
-    assert lum.parameters(recurse=False) == params or isinstance(lum.parameters(recurse=False), list)
+    assert lum.parameters(recurse=True) == params                     # the standard signature works
     frozen = {k: v.clone() for k, v in lum.model.state_dict().items()}
     opt = torch.optim.SGD(lum.parameters(), lr=0.1)
     lum.eval()     # eval: the MP layers do not renormalise the frozen image weights in place
@@ -241,12 +241,79 @@ def test_wrapper_deepcopies_and_its_hooks_pickle():
     assert torch.allclose(clone(video, time=t), toy(video, time=t))
 
 
-def test_conditioning_hook_only_on_conditioned_modules():
+class ContextToy(nn.Module):
+    """A model with an optional text-like conditioning kwarg that the init dry run never passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = 3
+        self.inp = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([ContextBlock() for _ in range(3)])
+        self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, time, context=None):
+        x = self.inp(x) + time.view(-1, 1, 1, 1)
+        for b in self.blocks:
+            x = b(x, context)
+        return self.out(x)
+
+
+class ContextBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.to_ctx = nn.Linear(5, 8)
+
+    def forward(self, x, context=None):
+        x = self.conv(x)
+        return x if context is None else x + self.to_ctx(context).view(*x.shape[:2], 1, 1)
+
+
+@pytest.mark.parametrize('cond_rows', [1, 2, 8])
+def test_conditioning_not_seen_by_the_dry_run_follows_the_frames(cond_rows):
+    """A kwarg the dry run never passes is repeated per frame and follows temporal downsampling, as upstream."""
+    upstream = pytest.importorskip('lumiere_pytorch')
+    names = dict(conv_module_names=['blocks.0'], attn_module_names=['inp'], downsample_module_names=['blocks.1'],
+                 upsample_module_names=['blocks.2'], attn_inflation_kwargs=dict(heads=2, dim_head=4))
+    torch.manual_seed(0)
+    model = ContextToy()
+    u = upstream.MPLumiere(model, image_size=8, unet_time_kwarg='time', **names)
+    o = MPLumiere(model, image_size=8, **names)
+    o.load_state_dict(u.state_dict(), strict=True)
+    video, time, context = torch.randn(2, 3, 4, 8, 8), torch.rand(2), torch.randn(cond_rows, 5)
+    torch.testing.assert_close(o.eval()(video, time=time, context=context), u.eval()(video, time=time, context=context))
+
+
+def test_conditioning_hook_skips_single_input_modules():
     lum = _small()
     hooked = [n for n, m in lum.model.named_modules() if m._forward_pre_hooks]
     total = sum(1 for _ in lum.model.named_modules())
     assert '' in hooked                      # the image model itself: time is repeated per frame there
-    assert 0 < len(hooked) < total // 4, (len(hooked), total)
+    assert 'downs.0' in hooked and 'skip_mp_cat' in hooked       # (x, emb) and (x, skip)
+    assert 'downs.0.block1.1' not in hooked                      # a conv: its input only
+    assert len(hooked) < total // 2, (len(hooked), total)
+
+
+def test_batch_dim_is_unset_after_init():
+    lum = _small()
+    assert all(m.batch_dim is None for m in lum.temporal_modules())
+    with pytest.raises(ValueError, match='needs the batch'):
+        lum.convs[0](torch.randn(8, lum.convs[0].dim, 16, 16))
+
+
+def test_time_dim_in_inflation_kwargs():
+    """Upstream accepts a fixed time_dim; the mock-video check is skipped then (it cannot guess the frames)."""
+    lum = _small(conv_inflation_kwargs=dict(time_dim=4), downsample_module_names=[], upsample_module_names=[])
+    assert lum(torch.randn(2, 3, 4, 16, 16), time=torch.rand(2)).shape == (2, 3, 4, 16, 16)
+
+
+def test_a_module_that_runs_twice_cannot_carry_a_temporal_module():
+    class Twice(ToyUnet):
+        def forward(self, x, time):
+            x = self.inp(x)
+            return self.out(self.blocks[0](self.blocks[0](x)))
+    with pytest.raises(ValueError, match=r"module\(s\) \['blocks.0'\] run more than once per forward"):
+        Lumiere(Twice(), image_size=8, conv_module_names=['blocks.0'])
 
 
 # ---------------------------------------------------------------------------------------------- upstream crash bugs
@@ -327,6 +394,7 @@ def small_lumiere():
     (torch.randn(1, 3, 2, 8, 8), {}, ValueError, 'expected frames of 16x16, got 8x8'),
     (torch.randn(1, 3, 5, 16, 16), {}, ValueError, 'frames divisible by 2'),
     (torch.randn(2, 3, 2, 16, 16), dict(time=torch.rand(3)), ValueError, 'leading size 3; expected the batch size 2'),
+    (torch.randn(2, 3, 2, 16, 16), dict(time=torch.rand(0)), ValueError, 'leading size 0'),
     (torch.randn(1, 3, 2, 16, 16, dtype=torch.float64), {}, TypeError, 'dtype torch.float64 does not match'),
     (torch.randint(0, 3, (1, 3, 2, 16, 16)), {}, TypeError, 'floating-point video'),
     (torch.randn(1, 3, 2, 16, 16, device='meta'), {}, ValueError, 'video is on meta but the model is on cpu'),
@@ -357,8 +425,11 @@ def test_lumiere_constructor_errors():
         Lumiere(unet, image_size=16, conv_module_names=[])
     with pytest.raises(TypeError, match='attn_inflation_kwargs as a dict'):
         Lumiere(unet, image_size=16, conv_module_names=['downs.0'], attn_inflation_kwargs=[('heads', 2)])
-    with pytest.raises(RuntimeError, match='init dry run .* failed'):
+    with pytest.raises(TypeError, match="init dry run KarrasUnet.* failed with TypeError: .*unexpected keyword "
+                                        "argument 't'. Check channels, image_size and unet_time_kwarg"):
         Lumiere(unet, image_size=16, unet_time_kwarg='t', conv_module_names=['downs.0'])
+    with pytest.raises(ValueError, match='init dry run KarrasUnet.* failed'):
+        Lumiere(unet, image_size=16, channels=4, conv_module_names=['downs.0'])
 
 
 def test_dtype_follows_model_and_autocast(small_lumiere):
@@ -384,7 +455,8 @@ def test_wrapping_a_bf16_model_and_per_frame_time():
                                       (TemporalDownsample, {}), (TemporalUpsample, {}), (MPTemporalDownsample, {}),
                                       (MPTemporalUpsample, {})])
 def test_channel_last_is_the_same_block_with_channels_moved(klass, kw):
-    """Upstream raises RuntimeError for channel_last=True in every block; ours takes b t h w c / (b t) h w c."""
+    """channel_last=True takes b t h w c / (b t) h w c and returns the same layout (upstream moves the wrong axis
+    on the way in, so a channel-last video fails or is misread there)."""
     first = klass(dim=6, **kw).eval()
     last = klass(dim=6, channel_last=True, **kw).eval()
     last.load_state_dict(first.state_dict())

@@ -247,3 +247,21 @@ def test_weight_norm():
     ops.renormalize_(w)
     torch.testing.assert_close(w, n)
     torch.testing.assert_close(ops.normalize_weight(w), n)          # idempotent
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 9), c_in=st.integers(1, 9), c_out=st.integers(1, 9),
+       h=st.integers(1, 4), w=st.integers(1, 4), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_temporal_conv1d_property(b, t, c_in, c_out, h, w, k, seed):
+    """Random shapes: the frames form equals fold -> F.conv1d -> unfold, and fold/unfold invert each other."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b * t, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, k, generator=g, dtype=torch.float64)
+    expect = _unfold(F.conv1d(_fold(x, b), weight, padding=k // 2), b, h, w)
+    torch.testing.assert_close(ops.temporal_conv1d(x, weight, batch=b), expect, **TOL[torch.float64])
+    for layout in ('c t', 't c'):
+        torch.testing.assert_close(ops.unfold_frames(ops.fold_frames(x, b, layout), b, h, w, layout), x,
+                                   rtol=0, atol=0)

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         return self.to_q.weight, self.to_k.weight, self.to_v.weight, wo
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.attention_layer_ref(x, None, *self.weights(), self.heads, self.dropout, self.training, False)
+        return ops.attention_layer(x, None, *self.weights(), self.heads, self.dropout, self.training, False)
 
 
 class Residual(nn.Module):
@@ -128,7 +128,7 @@ class MPAttention(nn.Module):
         return self.to_qkv.effective_weight(), self.to_out.effective_weight(), self.mem_kv
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.mp_attention_layer_ref(x, *self.weights(), self.heads, self.dropout.p, self.training)
+        return ops.mp_attention_layer(x, *self.weights(), self.heads, self.dropout.p, self.training)
 
 
 class MPAttentionInflationBlock(TemporalModule):

@@ -94,6 +94,24 @@ def temporal_attention_block_ref(x: Tensor, layers: Sequence[tuple], proj_weight
     return unfold_frames_ref(s, batch, *x.shape[-2:], 't c') + x
 
 
+def mp_attention_layer(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, mem_kv: Tensor, heads: int,
+                       dropout: float = 0., training: bool = False) -> Tensor:
+    """(n, t, c) -> (n, t, c): one MPAttention layer, MP-normalised weights (a module used on its own)."""
+    if s.ndim != 3:
+        raise ValueError(f'mp_attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
+    backend.choose('mp_attention_layer', s, has_triton=False)
+    return mp_attention_layer_ref(s, qkv_weight, out_weight, mem_kv, heads, dropout, training)
+
+
+def attention_layer(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor | None, heads: int,
+                    dropout: float = 0., training: bool = False, residual: bool = True) -> Tensor:
+    """(n, t, c) -> (n, t, c): one x-transformers attention layer (a module used on its own)."""
+    if s.ndim != 3:
+        raise ValueError(f'attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
+    backend.choose('attention_layer', s, has_triton=False)
+    return attention_layer_ref(s, g, wq, wk, wv, wo, heads, dropout, training, residual)
+
+
 def _check(name, x, batch, heads, proj_weight):
     if x.ndim != 4:
         raise ValueError(f'{name}: expected x as (b t) c h w, got shape {tuple(x.shape)}')

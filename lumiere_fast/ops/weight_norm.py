@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend
+
 
 def normalize_weight(weight: Tensor, eps: float = 1e-4) -> Tensor:
     """o ... -> o ...: every output row l2-normalised (``F.normalize`` with ``eps``) times sqrt(row size)."""
@@ -21,10 +23,17 @@ def normalize_weight(weight: Tensor, eps: float = 1e-4) -> Tensor:
     return normed.reshape(weight.shape)
 
 
-def mp_weight(weight: Tensor, eps: float = 1e-4) -> Tensor:
-    """The weight an MP layer applies: ``normalize_weight(w, eps) / sqrt(fan_in)`` (fan_in = row size)."""
+def mp_weight_ref(weight: Tensor, eps: float = 1e-4) -> Tensor:
     fan_in = weight[0].numel()
     return normalize_weight(weight, eps) / sqrt(fan_in)
+
+
+def mp_weight(weight: Tensor, eps: float = 1e-4) -> Tensor:
+    """The weight an MP layer applies: ``normalize_weight(w, eps) / sqrt(fan_in)`` (fan_in = row size)."""
+    if weight.ndim < 2:
+        raise ValueError(f'mp_weight: expected a weight of shape (out, in, ...), got {tuple(weight.shape)}')
+    backend.choose('mp_weight', weight, has_triton=False)
+    return mp_weight_ref(weight, eps)
 
 
 @torch.no_grad()
