@@ -8,6 +8,12 @@ import warnings
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run through the interpreter on CPU tensors (fp32/fp16; its bf16 math is wrong,
+# so bf16 kernel tests need a GPU). Set before anything imports lumiere_fast.kernels: Triton reads it when a
+# kernel is decorated.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 # upstream's x-transformers import path emits deprecation noise that is not ours
 warnings.filterwarnings('ignore', category=FutureWarning)
 
