@@ -6,6 +6,8 @@ CUDA cases skip with a reason on machines without a GPU; the CPU cases always ru
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 
 import pytest
@@ -29,6 +31,20 @@ def upstream_or_skip():
 def sync(device: torch.device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: torch.device, iters: int = 50) -> float:
+    """Median wall time of fn() with a device sync after each call, after one untimed call (for the reference
+    rates measured once per session: copy bandwidth, cuBLAS GEMM)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @pytest.fixture(autouse=True)

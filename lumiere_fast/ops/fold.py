@@ -4,20 +4,27 @@
             (b t) c h w -> (b h w) t c      (layout='t c', attention over time)
     unfold: the inverse of each.
 
-The references are einops rearranges (the spec). A later Triton kernel does them as tiled transposes.
+The references are einops rearranges (the spec). The Triton path (``lumiere_fast.kernels.fold``) does them as
+tiled transposes from any input strides into a contiguous output; ``lumiere_fast::fold_frames`` and
+``lumiere_fast::unfold_frames`` are each other's backward.
 """
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor
 
-from .. import backend
+from ._triton import NAMESPACE, grid_1d, use_triton
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
     't c': ('(b t) c h w -> (b h w) t c', '(b h w) t c -> (b t) c h w'),
 }
+
+# Tests set this to fill every launcher-allocated output with NaN before the launch, so an element the kernel
+# never writes shows up instead of reading as whatever torch.empty left there.
+_poison = False
 
 
 def _pattern(layout: str, which: int) -> str:
@@ -34,13 +41,120 @@ def unfold_frames_ref(x: Tensor, batch: int, height: int, width: int, layout: st
     return rearrange(x, _pattern(layout, 1), b=batch, h=height, w=width)
 
 
+# ---------------------------------------------------------------------------------------------- Triton path
+
+def _new_output(shape, like: Tensor) -> Tensor:
+    if _poison:
+        return torch.full(shape, float('nan'), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _folded_shape(n: int, c: int, t: int, layout: str) -> tuple[int, int, int]:
+    return (n, c, t) if layout == 'c t' else (n, t, c)
+
+
+def _folded_strides(folded: Tensor, layout: str) -> tuple[int, int, int]:
+    """(b h w), c, t strides of a folded tensor in either layout."""
+    s_n, s_1, s_2 = folded.stride()
+    return (s_n, s_1, s_2) if layout == 'c t' else (s_n, s_2, s_1)
+
+
+def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: bool) -> None:
+    """Copy frames (b t) c h w -> folded (to_folded) or folded -> frames; any strides on either side."""
+    import triton
+
+    from lumiere_fast.kernels.fold import fold_frames_kernel
+
+    bt, c, h, w = frames.shape
+    t, p = bt // batch, h * w
+    s_bt, s_c, s_h, s_w = frames.stride()
+    # h and w walk as one axis p = h*W + w when stepping w past its end lands on the next h: true for contiguous
+    # and channels_last tensors, and always when H == 1 or W == 1. It lets the compiler see p's stride, so the
+    # frames side gets vector loads/stores instead of a per-element (h, w) split.
+    if w == 1:
+        s_w = s_h
+    hw_merged = h == 1 or w == 1 or s_h == w * s_w
+    tile_t = layout == 'c t'
+    q, r = (t, c) if tile_t else (c, t)
+
+    def grid(meta):
+        return grid_1d(batch * r * triton.cdiv(q, meta['BLOCK_Q']) * triton.cdiv(p, meta['BLOCK_P']))
+
+    fold_frames_kernel[grid](
+        frames if to_folded else folded, folded if to_folded else frames,
+        t, w, p, q, r,
+        s_bt, s_c, s_h, s_w, *_folded_strides(folded, layout),
+        TILE_T=tile_t, TO_FOLDED=to_folded, HW_MERGED=hw_merged)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::fold_frames', mutates_args=())
+def _fold_frames_triton(x: Tensor, batch: int, layout: str) -> Tensor:
+    """(b t) c h w (any strides) -> contiguous (b h w) c t or (b h w) t c."""
+    bt, c, h, w = x.shape
+    out = _new_output(_folded_shape(batch * h * w, c, bt // batch, layout), x)
+    if out.numel():
+        _launch(x, out, batch, layout, to_folded=True)
+    return out
+
+
+@_fold_frames_triton.register_fake
+def _(x, batch, layout):
+    bt, c, h, w = x.shape
+    return x.new_empty(_folded_shape(batch * h * w, c, bt // batch, layout))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::unfold_frames', mutates_args=())
+def _unfold_frames_triton(x: Tensor, batch: int, height: int, width: int, layout: str) -> Tensor:
+    """(b h w) c t or (b h w) t c (any strides) -> contiguous (b t) c h w."""
+    _, d1, d2 = x.shape
+    c, t = (d1, d2) if layout == 'c t' else (d2, d1)
+    out = _new_output((batch * t, c, height, width), x)
+    if out.numel():
+        _launch(out, x, batch, layout, to_folded=False)
+    return out
+
+
+@_unfold_frames_triton.register_fake
+def _(x, batch, height, width, layout):
+    _, d1, d2 = x.shape
+    c, t = (d1, d2) if layout == 'c t' else (d2, d1)
+    return x.new_empty((batch * t, c, height, width))
+
+
+def _fold_setup(ctx, inputs, output):
+    x, batch, layout = inputs
+    ctx.batch, ctx.layout, ctx.hw = batch, layout, tuple(x.shape[-2:])
+
+
+def _fold_backward(ctx, grad):
+    # the backward of a pure permutation is its inverse: unfold, through the op so double backward works too
+    return _unfold_frames_triton(grad, ctx.batch, *ctx.hw, ctx.layout), None, None
+
+
+def _unfold_setup(ctx, inputs, output):
+    _, batch, _, _, layout = inputs
+    ctx.batch, ctx.layout = batch, layout
+
+
+def _unfold_backward(ctx, grad):
+    return _fold_frames_triton(grad, ctx.batch, ctx.layout), None, None, None, None
+
+
+_fold_frames_triton.register_autograd(_fold_backward, setup_context=_fold_setup)
+_unfold_frames_triton.register_autograd(_unfold_backward, setup_context=_unfold_setup)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
 def fold_frames(x: Tensor, batch: int, layout: str = 'c t') -> Tensor:
     """(b t) c h w -> (b h w) c t  (or (b h w) t c)."""
     if x.ndim != 4:
         raise ValueError(f'fold_frames: expected a 4-dim (b t) c h w tensor, got shape {tuple(x.shape)}')
     if batch < 1 or x.shape[0] % batch:
         raise ValueError(f'fold_frames: leading dim {x.shape[0]} must be batch ({batch}) x frames')
-    backend.choose('fold_frames', x, has_triton=False)
+    _pattern(layout, 0)
+    if use_triton('fold_frames', x):
+        return _fold_frames_triton(x, batch, layout)
     return fold_frames_ref(x, batch, layout)
 
 
@@ -51,5 +165,7 @@ def unfold_frames(x: Tensor, batch: int, height: int, width: int, layout: str = 
     if x.shape[0] != batch * height * width:
         raise ValueError(f'unfold_frames: leading dim {x.shape[0]} must be batch*height*width = '
                          f'{batch}*{height}*{width}')
-    backend.choose('unfold_frames', x, has_triton=False)
+    _pattern(layout, 1)
+    if use_triton('unfold_frames', x):
+        return _unfold_frames_triton(x, batch, height, width, layout)
     return unfold_frames_ref(x, batch, height, width, layout)
