@@ -117,7 +117,8 @@ def _choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
         return 'triton'
     if op not in _warned:
         _warned.add(op)
-        why = ('no Triton kernel exists for this op yet' if not has_triton else
+        why = ('no Triton kernel handles this call (none exists for the op yet, or not for these dtypes/sizes)'
+               if not has_triton else
                'Triton cannot run here (no CUDA device and TRITON_INTERPRET is not 1, or triton is missing)')
         warnings.warn(f'{ENV_VAR}=triton: op {op!r} runs on the PyTorch reference because {why}', RuntimeWarning,
                       stacklevel=3)

@@ -7,14 +7,23 @@
 
 The MP references run on a b c t (h w) view: the time convolution as a (k, 1) conv2d and the interpolation as
 a bilinear resize whose second axis keeps its size (exactly upstream's (t, 1) bilinear resize, per pixel).
+
+Triton path (``lumiere_fast.kernels.resample``): one custom op ``lumiere_fast::temporal_resample`` for all four,
+each output frame an implicit GEMM over (tap, in-channel) with the stride / transposition / interpolation folded
+into the input loads of the frames layout (no fold copies). Backward: ``lumiere_fast::temporal_resample_grad_input``
+(the adjoint convolution, again one of the kernel's modes) and ``lumiere_fast::temporal_resample_grad_weight``
+(a split (b, t, h w) reduction; the splits are summed in fp32 afterwards).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend
+from ._triton import NAMESPACE, grid_1d, use_triton
 from .fold import fold_frames_ref, unfold_frames_ref
 from .temporal_conv1d import frames_as_time_major, time_major_as_frames
 
@@ -62,29 +71,249 @@ def mp_temporal_upsample_ref(x: Tensor, weight: Tensor, batch: int) -> Tensor:
     return _mp_resample_ref(x, weight, batch, x.shape[0] // batch * 2)
 
 
+# ---------------------------------------------------------------------------------------------- Triton path
+
+# Tests set this to fill every launcher-allocated output with NaN before the launch, so an element the kernel
+# never writes shows up instead of reading as whatever torch.empty left there.
+_poison = False
+
+
+def _frames_out(mode: str, t: int) -> int:
+    return t // 2 if mode in ('down', 'mp_down') else t * 2
+
+
+def _new(shape, like: Tensor, dtype=None) -> Tensor:
+    dtype = dtype or like.dtype
+    if _poison:
+        return torch.full(shape, float('nan'), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _dot_precision(x: Tensor) -> str:
+    """fp32 GEMMs follow torch's matmul TF32 switch (off by default): exact fp32 unless the user opted in.
+    fp16/bf16 operands ignore the setting; they get Triton's default."""
+    if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return 'ieee'
+    return 'tf32'
+
+
+def _merged(t: Tensor) -> bool:
+    """Pixels (h, w) walk with the single stride s_w (see kernels.resample._pix_offsets)."""
+    return t.shape[-2] == 1 or t.stride(-2) == t.shape[-1] * t.stride(-1)
+
+
+def _forward_plan(mode: str, t_in: int):
+    """(kernel MODE, NSRC, T_MID, scale) of the forward of ``mode`` on t_in frames.
+
+    scale = t_in / t_out is F.interpolate's source-index step for a given output size (align_corners=False);
+    it is 2 or 1/2 here, exact in fp32, so the kernel's blend weights equal PyTorch's.
+    """
+    from lumiere_fast.kernels import resample as K
+    t_out = _frames_out(mode, t_in)
+    if mode == 'down':
+        return K.MODE_DOWN, 1, t_out, 1.0
+    if mode == 'up':
+        return K.MODE_UP, 1, t_out, 1.0
+    return K.MODE_INTERP, 2, t_out, t_in / t_out
+
+
+def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batch: int, t_out: int,
+                 kmode: int, nsrc: int, t_mid: int, scale: float) -> Tensor:
+    """(b t_src) c h w -> (b t_out) c h w through kernels.resample.resample_kernel (see its docstring).
+
+    w_strides: (o, i, k) strides that make W_k[o, i] for the kernel's output channel o and input channel i.
+    """
+    import triton
+
+    from lumiere_fast.kernels.resample import resample_kernel
+
+    bt, c, h, wd = src.shape
+    t_src = bt // batch
+    p = h * wd
+    y = _new((batch * t_out, c, h, wd), src)
+
+    def grid(meta):
+        return grid_1d(batch * t_out * triton.cdiv(p, meta['BLOCK_P']) * triton.cdiv(c, meta['BLOCK_CO']))
+
+    resample_kernel[grid](
+        src, w, bias if bias is not None else w, y,
+        c, t_src, t_out, t_mid, p, wd, float(scale),
+        *src.stride(), *w_strides, *y.stride(),
+        SRC_MERGED=_merged(src), Y_MERGED=_merged(y),
+        MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=_dot_precision(src))
+    return y
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_resample', mutates_args=())
+def _resample_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, mode: str) -> Tensor:
+    """(b t) c h w -> (b t') c h w for mode in ('down', 'up', 'mp_down', 'mp_up'); weight (c, c, 3) as the
+    matching ``*_ref`` takes it (ConvTranspose1d layout (c_in, c_out, 3) for 'up'), bias (c,) or None."""
+    t = x.shape[0] // batch
+    kmode, nsrc, t_mid, scale = _forward_plan(mode, t)
+    s0, s1, s2 = weight.stride()
+    # the kernel's W_k[co, ci]: Conv1d stores (co, ci, k), ConvTranspose1d (ci, co, k)
+    w_strides = (s1, s0, s2) if mode == 'up' else (s0, s1, s2)
+    return _launch_gemm(x, weight, w_strides, bias, batch, _frames_out(mode, t), kmode, nsrc, t_mid, scale)
+
+
+@_resample_triton.register_fake
+def _(x, weight, bias, batch, mode):
+    return x.new_empty((batch * _frames_out(mode, x.shape[0] // batch), *x.shape[1:]))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_resample_grad_input', mutates_args=())
+def _resample_grad_input(grad: Tensor, weight: Tensor, batch: int, mode: str, frames_in: int) -> Tensor:
+    """d loss / d x of ``temporal_resample``: (b t') c h w -> (b frames_in) c h w.
+
+    The adjoint is another mode of the same kernel, with each tap's weight transposed (W_k^T, by strides):
+    down <-> up (a strided conv and its transpose), and for the MP pair the transposed 'same' conv (taps
+    flipped) fused with the adjoint of the interpolation (MODE_INTERP_ADJ).
+    """
+    from lumiere_fast.kernels import resample as K
+    t_g = grad.shape[0] // batch
+    if mode == 'down':
+        s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[co, ci, k]
+        return _launch_gemm(grad, weight, (s1, s0, s2), None, batch, frames_in, K.MODE_UP, 1, frames_in, 1.0)
+    if mode == 'up':
+        s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[ci, co, k]
+        return _launch_gemm(grad, weight, (s0, s1, s2), None, batch, frames_in, K.MODE_DOWN, 1, frames_in, 1.0)
+    # taps flipped: a tiny (c, c, 3) copy, cheaper than a negative-stride special case in the kernel
+    wf = weight.flip(-1)
+    s0, s1, s2 = wf.stride()
+    # interpolated frames that touch one input frame: 1 when halving (m = i // 2), 4 when doubling (2i-1 .. 2i+2)
+    nsrc = 1 if mode == 'mp_down' else 4
+    return _launch_gemm(grad, wf, (s1, s0, s2), None, batch, frames_in, K.MODE_INTERP_ADJ, nsrc, t_g,
+                        frames_in / t_g)
+
+
+@_resample_grad_input.register_fake
+def _(grad, weight, batch, mode, frames_in):
+    return grad.new_empty((batch * frames_in, *grad.shape[1:]))
+
+
+def _dw_split(bt_out: int, p: int, c: int, device: torch.device):
+    """(SPLIT_BJ, SPLIT_P, P_PER): how the (b t', h w) reduction of the weight gradient is cut across programs.
+
+    Enough programs to fill the GPU (about 4 per SM) when the channel tiles alone are few; each split writes its
+    own fp32 partial, so the splits stay bounded (memory: splits * 3 c^2 floats). Pixel chunks are multiples of
+    the widest BLOCK_P so that only the last chunk has a tail.
+    """
+    from triton import cdiv
+
+    if device.type == 'cuda':
+        target, granule = 4 * torch.cuda.get_device_properties(device).multi_processor_count, 128
+    else:                   # the interpreter: few programs, but still split, so tests cover both split axes
+        target, granule = 12, 16
+    tiles = 3 * cdiv(c, 64) ** 2
+    splits = max(1, min(256, target // tiles))
+    split_bj = min(bt_out, splits)
+    split_p = min(cdiv(p, granule), max(1, splits // split_bj))
+    p_per = cdiv(cdiv(p, split_p), granule) * granule
+    split_p = cdiv(p, p_per)
+    return split_bj, split_p, p_per
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_resample_grad_weight', mutates_args=())
+def _resample_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, mode: str,
+                          has_bias: bool) -> tuple[Tensor, Tensor]:
+    """(d loss / d weight in weight's layout, d loss / d bias (c,), or an empty tensor when has_bias is False)."""
+    import triton
+
+    from lumiere_fast.kernels.resample import resample_dw_kernel
+
+    bt, c, h, wd = x.shape
+    t = bt // batch
+    t_out = _frames_out(mode, t)
+    p = h * wd
+    kmode, nsrc, t_mid, scale = _forward_plan(mode, t)
+    split_bj, split_p, p_per = _dw_split(batch * t_out, p, c, x.device)
+    n_split = split_bj * split_p
+    part = _new((n_split, *weight.shape), x, torch.float32)
+    part_b = _new((n_split, c), x, torch.float32) if has_bias else part
+    d_s, d0, d1, d2 = part.stride()
+    d_o, d_i = (d1, d0) if mode == 'up' else (d0, d1)      # ConvTranspose1d weight: (ci, co, k)
+
+    def grid(meta):
+        return grid_1d(n_split * 3 * triton.cdiv(c, meta['BLOCK_CO']) * triton.cdiv(c, meta['BLOCK_CI']))
+
+    resample_dw_kernel[grid](
+        x, grad, part, part_b,
+        c, t, t_out, t_mid, p, wd, float(scale),
+        batch * t_out, triton.cdiv(batch * t_out, split_bj), p_per, split_p,
+        *x.stride(), *grad.stride(), d_s, d_o, d_i, d2,
+        SRC_MERGED=_merged(x), G_MERGED=_merged(grad),
+        MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=_dot_precision(x))
+    gw = part.sum(0).to(weight.dtype)
+    gb = part_b.sum(0).to(weight.dtype) if has_bias else weight.new_empty((0,))
+    return gw, gb
+
+
+@_resample_grad_weight.register_fake
+def _(grad, x, weight, batch, mode, has_bias):
+    return torch.empty_like(weight), weight.new_empty((x.shape[1] if has_bias else 0,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, batch, mode = inputs
+    # x is only read by the weight/bias gradient: a frozen layer need not keep its input alive
+    ctx.save_for_backward(x if any(ctx.needs_input_grad[1:3]) else None, weight)
+    ctx.x_shape = x.shape
+    ctx.batch, ctx.mode, ctx.has_bias = batch, mode, bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if need_x:
+        gx = _resample_grad_input(grad, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch)
+    if need_w or (need_b and ctx.has_bias):
+        gw, gb = _resample_grad_weight(grad, x, weight, ctx.batch, ctx.mode, ctx.has_bias)
+        gw = gw if need_w else None
+        gb = gb if (need_b and ctx.has_bias) else None
+    return gx, gw, gb, None, None
+
+
+_resample_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """The kernel handles 3-tap weights of x's dtype and a (c,) bias; anything else takes the reference."""
+    c = x.shape[1]
+    return (weight.shape[-1] == 3 and weight.dtype == x.dtype and x.numel() > 0
+            and (bias is None or (tuple(bias.shape) == (c,) and bias.dtype == x.dtype)))
+
+
+def _dispatch(name: str, mode: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, ref):
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if use_triton(name, *tensors, supported=_supported(x, weight, bias)):
+        return _resample_triton(x, weight, bias, batch, mode)
+    return ref()
+
+
 def temporal_downsample(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int) -> Tensor:
     """(b t) c h w -> (b t/2) c h w."""
     _check('temporal_downsample', x, weight, batch, down=True)
-    backend.choose('temporal_downsample', x, has_triton=False)
-    return temporal_downsample_ref(x, weight, bias, batch)
+    return _dispatch('temporal_downsample', 'down', x, weight, bias, batch,
+                     lambda: temporal_downsample_ref(x, weight, bias, batch))
 
 
 def temporal_upsample(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int) -> Tensor:
     """(b t) c h w -> (b 2t) c h w; ``weight`` is a ConvTranspose1d weight (c_in, c_out, 3)."""
     _check('temporal_upsample', x, weight, batch, down=False)
-    backend.choose('temporal_upsample', x, has_triton=False)
-    return temporal_upsample_ref(x, weight, bias, batch)
+    return _dispatch('temporal_upsample', 'up', x, weight, bias, batch,
+                     lambda: temporal_upsample_ref(x, weight, bias, batch))
 
 
 def mp_temporal_downsample(x: Tensor, weight: Tensor, *, batch: int) -> Tensor:
     """(b t) c h w -> (b t/2) c h w; ``weight`` already MP-normalised."""
     _check('mp_temporal_downsample', x, weight, batch, down=True)
-    backend.choose('mp_temporal_downsample', x, has_triton=False)
-    return mp_temporal_downsample_ref(x, weight, batch)
+    return _dispatch('mp_temporal_downsample', 'mp_down', x, weight, None, batch,
+                     lambda: mp_temporal_downsample_ref(x, weight, batch))
 
 
 def mp_temporal_upsample(x: Tensor, weight: Tensor, *, batch: int) -> Tensor:
     """(b t) c h w -> (b 2t) c h w; ``weight`` already MP-normalised."""
     _check('mp_temporal_upsample', x, weight, batch, down=False)
-    backend.choose('mp_temporal_upsample', x, has_triton=False)
-    return mp_temporal_upsample_ref(x, weight, batch)
+    return _dispatch('mp_temporal_upsample', 'mp_up', x, weight, None, batch,
+                     lambda: mp_temporal_upsample_ref(x, weight, batch))
