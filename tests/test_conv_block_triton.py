@@ -1,0 +1,320 @@
+"""Triton kernels of the temporal conv block (ops/conv_block.py, kernels/conv_block.py) against the references.
+
+Without a GPU everything runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors, so shapes are tiny.
+Every case: forward and the gradients of h, residual and every parameter, with the kernel path forced
+(``use_backend('triton')``) and checked to have run (``record_choices``), and every buffer the kernels must
+write poisoned with NaN first (``conv_block._poison``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_close_rel, perturb_
+from lumiere_fast import backend
+from lumiere_fast.ops import conv_block as cb
+
+# norm-wise relative error, fp32 kernel vs fp32 reference; fp16 kernel vs the fp32 reference of the same
+# (fp16-rounded) values
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# x the case's largest gradient: a gradient that is zero in exact arithmetic (through the non-MP norm over a single
+# frame) is exactly 0 from the kernels but rounding noise from torch's autograd, measured up to ~1.5e-6 of the
+# largest gradient in these cases
+NOISE_FLOOR = 1e-5
+
+MP, NON_MP = 'mp_temporal_conv_block', 'temporal_conv_block'
+CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if CUDA else 'cpu'
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_ieee(monkeypatch):
+    monkeypatch.setattr(cb, '_poison', True)
+    # on a GPU both the kernels (ops.conv_block._prec) and cuDNN follow this switch: fp32 tolerances need IEEE fp32
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+
+
+def _frames(b, t, c, H, W, dtype, layout='contiguous', device=DEVICE):
+    """A (b t) c H W tensor: contiguous, a channel slice of a wider tensor, or a permuted (channels-last) view."""
+    if layout == 'slice':
+        return torch.randn(b * t, c + 3, H, W, dtype=dtype, device=device)[:, 1:c + 1]
+    if layout == 'permuted':
+        return torch.randn(b * t, H, W, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.randn(b * t, c, H, W, dtype=dtype, device=device)
+
+
+def _params(op, c, k, dtype, device=DEVICE):
+    p = lambda *s, scale=1.: (torch.randn(s, dtype=torch.float32) * scale).to(device, dtype)  # noqa: E731
+    if op == MP:    # MP-normalised weights: rows of unit norm (what the module hands in)
+        wc, wp = p(c, c, k), p(c, c, 1)
+        wc, wp = (w / w.flatten(1).norm(dim=1).view(-1, 1, 1) for w in (wc, wp))
+        return [wc, wp, p(scale=0.8).abs() + 0.2]
+    return [p(c, c, k, scale=c ** -0.5), p(c), 1 + p(c, scale=0.3), p(c, c, 1, scale=c ** -0.5), p(c)]
+
+
+def _call(op, h, x, params, b, mp_add_t=0.3):
+    if op == MP:
+        return cb.mp_temporal_conv_block(h, x, *params, batch=b, mp_add_t=mp_add_t)
+    return cb.temporal_conv_block(h, x, *params, batch=b)
+
+
+def _ref(op, h, x, params, b, mp_add_t=0.3):
+    if op == MP:
+        return cb.mp_temporal_conv_block_ref(h, x, *params, b, mp_add_t)
+    return cb.temporal_conv_block_ref(h, x, *params, b)
+
+
+def _check(op, b, t, c, H, W, k, dtype=torch.float32, layout='contiguous', mp_add_t=0.3, grad_layout='contiguous'):
+    h, x = _frames(b, t, c, H, W, dtype, layout), _frames(b, t, c, H, W, dtype, 'slice')
+    params = _params(op, c, k, dtype)
+    leaves = [v.detach().requires_grad_(True) for v in (h, x, *params)]
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        out = _call(op, leaves[0], leaves[1], leaves[2:], b, mp_add_t)
+    assert seen == {op: {'triton'}}
+    assert out.dtype == dtype and out.shape == h.shape
+    ref_leaves = [v.detach().float().requires_grad_(True) for v in (h, x, *params)]
+    ref = _ref(op, ref_leaves[0], ref_leaves[1], ref_leaves[2:], b, mp_add_t)
+    tol = TOL[dtype]
+    assert_close_rel(out.float(), ref, tol, what=f'{op} output')
+    cot = _frames(b, t, c, H, W, torch.float32, grad_layout)
+    with backend.use_backend('triton'):
+        grads = torch.autograd.grad(out, leaves, cot.to(dtype) if dtype != torch.float32 else cot)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    floor = NOISE_FLOOR * max(g.norm().item() for g in ref_grads)
+    names = ['h', 'residual'] + (['conv_weight', 'proj_weight', 'gain'] if op == MP else
+                                 ['conv_weight', 'conv_bias', 'gamma', 'proj_weight', 'proj_bias'])
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert_close_rel(g.float(), r, tol, floor, what=f'{op} grad {name}')
+
+
+# b, t, c, H, W, k: T = 1, odd T, T not a power of two, C not a multiple of 16, H*W not a multiple of the tile
+SHAPES = [(2, 3, 5, 2, 3, 3), (1, 1, 19, 5, 7, 3), (2, 5, 19, 1, 6, 5), (1, 8, 32, 2, 3, 3), (2, 6, 17, 5, 7, 1)]
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_fp32(op, shape):
+    _check(op, *shape)
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('layout', ['slice', 'permuted'])
+def test_non_contiguous_h_and_grad(op, layout):
+    _check(op, 2, 3, 5, 3, 4, 3, layout=layout, grad_layout=layout)
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('shape', [(2, 3, 5, 2, 3, 3), (1, 5, 19, 5, 7, 3)])
+def test_fp16(op, shape):
+    _check(op, *shape, dtype=torch.float16)
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_split_path(op, monkeypatch):
+    """C above (BWD_)FUSE_MAX_C: channel tiles, the activation goes through memory, a second launch projects it
+    and the projection's grads are reduced from it (forced here at a tiny C by lowering the thresholds)."""
+    from lumiere_fast.kernels import conv_block as kernels
+    monkeypatch.setattr(kernels, 'FUSE_MAX_C', 8)
+    monkeypatch.setattr(kernels, 'BWD_FUSE_MAX_C', 8)
+    _check(op, 2, 3, 19, 2, 5, 3)
+
+
+def test_mp_add_t_extremes():
+    _check(MP, 1, 3, 5, 2, 3, 3, mp_add_t=0.)
+    _check(MP, 1, 3, 5, 2, 3, 3, mp_add_t=1.)
+
+
+@pytest.mark.filterwarnings('ignore:LUMIERE_FAST_BACKEND=triton:RuntimeWarning')    # the forced fallback's notice
+def test_dropout_in_training_takes_the_reference():
+    b, t, c = 2, 3, 5
+    h, x = _frames(b, t, c, 2, 3, torch.float32), _frames(b, t, c, 2, 3, torch.float32)
+    params = _params(MP, c, 3, torch.float32)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        cb.mp_temporal_conv_block(h, x, *params, batch=b, dropout=0.5, training=True)
+    assert seen == {MP: {'reference'}}
+    with backend.use_backend('triton'), backend.record_choices() as seen:        # eval: dropout is a no-op
+        cb.mp_temporal_conv_block(h, x, *params, batch=b, dropout=0.5, training=False)
+    assert seen == {MP: {'triton'}}
+
+
+# ------------------------------------------------------------------------------------------ module level
+
+upstream = pytest.importorskip('lumiere_pytorch', reason='module tests need lumiere-pytorch==0.0.24 (test extra)')
+
+
+@pytest.mark.parametrize('klass', ['MPConvolutionInflationBlock', 'ConvolutionInflationBlock'])
+@pytest.mark.parametrize('dim,t,H,W,mode,frames', [
+    (5, 3, 5, 7, 'eval', False), (19, 1, 5, 7, 'train', False), (32, 8, 2, 3, 'train', True),
+    (5, 8, 2, 3, 'eval', True), (19, 3, 2, 3, 'train', True)])
+def test_module_vs_upstream(klass, dim, t, H, W, mode, frames):
+    import lumiere_fast
+    u = getattr(upstream, klass)(dim=dim)
+    perturb_(u)
+    o = getattr(lumiere_fast, klass)(dim=dim)
+    o.load_state_dict(u.state_dict(), strict=True)
+    u.to(DEVICE).train(mode == 'train')
+    o.to(DEVICE).train(mode == 'train')
+    b = 2
+    x = torch.randn(b * t, dim, H, W) if frames else torch.randn(b, dim, t, H, W)
+    x = x.to(DEVICE)
+    kw = dict(batch_size=b) if frames else {}
+    xu, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_u = u(xu, **kw)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        out_o = o(xo, **kw)
+    op = MP if klass.startswith('MP') else NON_MP
+    assert seen[op] == {'triton'}
+    assert_close_rel(out_o, out_u, 1e-5, what=f'{klass} output')
+    cot = torch.randn_like(out_u)
+    names = [n for n, _ in u.named_parameters()]
+    po = dict(o.named_parameters())
+    gu = torch.autograd.grad(out_u, [xu, *u.parameters()], cot)
+    with backend.use_backend('triton'):
+        go = torch.autograd.grad(out_o, [xo, *[po[n] for n in names]], cot)
+    floor = NOISE_FLOOR * max(g.norm().item() for g in gu)
+    for n, a, r in zip(['input', *names], go, gu):
+        assert_close_rel(a, r, 1e-5, floor, what=f'{klass} grad {n}')
+    for n, p in u.named_parameters():           # train mode renormalises in place, outside the op
+        assert_close_rel(po[n], p, 1e-6, what=f'{klass} weight {n} after forward')
+
+
+# ------------------------------------------------------------------------------------- torch.library
+
+def _op_args(op, b=1, t=3, c=5, H=2, W=3, k=3):
+    h, x = _frames(b, t, c, H, W, torch.float32), _frames(b, t, c, H, W, torch.float32)
+    params = _params(op, c, k, torch.float32)
+    args = [v.requires_grad_(True) for v in (h, x, *params)]
+    return args + ([b, 0.3] if op == MP else [b])
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_opcheck(op):
+    with backend.use_backend('triton'):
+        torch.library.opcheck(getattr(torch.ops.lumiere_fast, op).default, _op_args(op))
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('compile_backend', ['eager', 'aot_eager'])     # aot_eager: traces the backward op too
+def test_compile_fullgraph_no_graph_break(op, compile_backend, monkeypatch):
+    monkeypatch.setenv('LUMIERE_FAST_BACKEND', 'triton')
+    args = _op_args(op)
+    b = args[-2] if op == MP else args[-1]
+    tensors = args[:7] if op == NON_MP else args[:5]
+
+    def fn(*ts):
+        return _call(op, ts[0], ts[1], ts[2:], b)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
+    with backend.record_choices() as seen:
+        out = compiled(*tensors)
+    assert seen == {op: {'triton'}}
+    ref = fn(*tensors)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), tensors)
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), tensors)):
+        torch.testing.assert_close(g, r)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU (bf16 math and large grids are wrong or too '
+                                                 'slow under the CPU interpreter)')
+
+
+@needs_cuda
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_bf16_gpu(op):
+    _check(op, 2, 5, 19, 7, 9, 3, dtype=torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('c', [64, 192])        # fused forward and backward; split forward and backward
+def test_large_grid_gpu(op, c):
+    """B*H*W far beyond 65,535 (everything on grid axis 0), fp16 against the fp32 reference."""
+    _check(op, 2, 4, c, 96, 400, 3, dtype=torch.float16)
+
+
+@needs_cuda
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_tf32_gpu(op, monkeypatch):
+    """fp32 with TF32 allowed (torch's default for cuDNN convs): the kernels use TF32 tensor cores too."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    monkeypatch.setitem(TOL, torch.float32, 5e-3)
+    _check(op, 2, 5, 96, 12, 20, 3)
+
+
+@needs_cuda
+def test_past_int32_offsets_gpu():
+    """A (b t) c H W tensor of more than 2**31 elements: 64-bit offsets (forward only, fp16: ~8.6 GB a tensor)."""
+    b, t, c, H, W = 1, 2, 16, 8192, 8200
+    assert b * t * c * H * W > 2 ** 31
+    free = torch.cuda.mem_get_info()[0]
+    if free < 40 * 2 ** 30:
+        pytest.skip(f'needs ~40 GiB of free GPU memory, {free / 2 ** 30:.0f} GiB free')
+    h = torch.randn(b * t, c, H, W, dtype=torch.float16, device='cuda')
+    params = _params(MP, c, 3, torch.float16)
+    with torch.no_grad(), backend.use_backend('triton'):
+        out = _call(MP, h, h, params, b)
+    # check the last rows, beyond the 2**31-th element, against the reference on that slice of pixels
+    sl = (slice(None), slice(None), slice(H - 2, H), slice(None))
+    ref = _ref(MP, h[sl].float(), h[sl].float(), [p.float() for p in params], b)
+    assert_close_rel(out[sl].float(), ref, 2e-2, what='last rows')
+
+
+# ------------------------------------------------------------------------------ GPU compile without a GPU
+
+_COMPILE_SCRIPT = r'''
+import os, sys
+os.environ.pop('TRITON_INTERPRET', None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lumiere_fast.kernels import conv_block as K
+F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dw_ptr', 'db_ptr', 'dbp_ptr', 'dgamma_ptr'}
+FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}
+
+def compile_for_h100(kernel, consts, dt='bf16', warps=8):
+    fn = kernel
+    while not isinstance(fn, triton.JITFunction):
+        fn = fn.fn
+    def arg_type(a):
+        if a.endswith('_ptr'):
+            return '*fp32' if a in F32_BUFFERS else '*' + dt
+        return 'fp32' if a in FLOATS else 'i32'
+    sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
+
+P = dict(PREC='ieee', BLOCK_P=32)
+compile_for_h100(K.conv_epilogue_kernel, dict(EPI=K.EPI_MP_OUT, BLOCK_C=64, BLOCK_CI=32, **P))
+compile_for_h100(K.mp_block_fwd_kernel, dict(BLOCK_C=128, BLOCK_CI=32, **P))
+compile_for_h100(K.block_fwd_kernel, dict(FUSE_PROJ=True, BLOCK_C=128, BLOCK_CI=32, **P))
+compile_for_h100(K.mp_block_bwd_kernel, dict(FUSE_PROJ=True, BLOCK_C=64, BLOCK_CI=32, TILES_PER_PROG=4, **P))
+compile_for_h100(K.block_bwd_kernel, dict(FUSE_PROJ=False, BLOCK_C=64, BLOCK_CI=32, **P))
+compile_for_h100(K.weight_grad_kernel, dict(HAS_BIAS=True, PREC='tf32', BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=32),
+                 dt='fp32')
+print('compiled')
+'''
+
+
+@pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter never lowers the kernels: compile one variant of each (bf16 fused and split paths, fp32
+    TF32 weight grad) for sm_90 through ptxas, so a GPU-only lowering error fails here too."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f'this triton has no ahead-of-time compile API: {e}')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and 'compiled' in run.stdout, run.stderr[-3000:]
