@@ -3,7 +3,7 @@
 Without a GPU everything runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors, so shapes are tiny.
 Every case: forward and the gradients of h, residual and every parameter, with the kernel path forced
 (``use_backend('triton')``) and checked to have run (``record_choices``), and every buffer the kernels must
-write poisoned with NaN first (``conv_block._poison``).
+write poisoned with NaN first (``ops._triton.POISON``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 
 import pytest
 import torch
+
+from lumiere_fast.ops import _triton
 
 from conftest import assert_close_rel, perturb_
 from lumiere_fast import backend
@@ -34,8 +36,8 @@ DEVICE = 'cuda' if CUDA else 'cpu'
 
 @pytest.fixture(autouse=True)
 def _poison_and_ieee(monkeypatch):
-    monkeypatch.setattr(cb, '_poison', True)
-    # on a GPU both the kernels (ops.conv_block._prec) and cuDNN follow this switch: fp32 tolerances need IEEE fp32
+    monkeypatch.setattr(_triton, 'POISON', True)
+    # on a GPU both the kernels (ops._triton.dot_precision) and cuDNN follow this switch: fp32 tolerances need IEEE fp32
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
 
 

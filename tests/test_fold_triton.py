@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+
+from lumiere_fast.ops import _triton
 import torch.nn.functional as F
 
 from lumiere_fast import backend, ops
@@ -41,7 +43,7 @@ def _ids(value):
 @pytest.fixture(autouse=True)
 def _poison_and_count(monkeypatch):
     """NaN-poison launcher outputs, and count launches by direction (to prove backward ran the kernels)."""
-    monkeypatch.setattr(fold_ops, '_poison', True)
+    monkeypatch.setattr(_triton, 'POISON', True)
     launches = []
     real = fold_ops._launch
 

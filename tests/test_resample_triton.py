@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 
+from lumiere_fast.ops import _triton
+
 import lumiere_fast as lf
 from conftest import PARITY_RTOL, assert_close_rel, perturb_
 from lumiere_fast import backend
@@ -43,9 +45,9 @@ VARIANTS = {  # name -> (dispatching op, reference, has bias, halves the frames)
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(R, '_poison', True)
-    # on a GPU, cuDNN's fp32 convolutions in the references default to TF32 (~1e-3): make them exact fp32, as
-    # the kernels are (they follow torch.backends.cuda.matmul.allow_tf32, off by default)
+    monkeypatch.setattr(_triton, 'POISON', True)
+    # on a GPU the references' cuDNN convolutions and the kernels (ops._triton.dot_precision) both follow this
+    # switch, on by default (TF32, ~1e-3): fp32 tolerances need exact fp32 on both sides
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
 
 

@@ -40,3 +40,25 @@ def grid_1d(n_programs: int) -> tuple[int]:
     if n_programs >= 2 ** 31:
         raise ValueError(f'launch needs {n_programs} programs, more than grid axis 0 allows (2**31 - 1)')
     return (max(1, n_programs),)
+
+
+# Tests set this: every buffer a kernel must fully write starts as NaN instead of torch.empty's leftovers, so an
+# element no program writes fails the comparison with the reference.
+POISON = False
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A launcher's output buffer (NaN-filled when ``POISON`` is set)."""
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float('nan'), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """``tl.dot``'s input precision for fp32 operands. The kernels replace cuDNN convolutions (upstream's conv1d),
+    so they follow the switch cuDNN follows, ``torch.backends.cudnn.allow_tf32`` (on by default): TF32 where
+    cuDNN would use it, exact fp32 otherwise and always on the CPU interpreter. fp16/bf16 ignore it."""
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return 'tf32'
+    return 'ieee'

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import NAMESPACE, grid_1d, use_triton
+from ._triton import NAMESPACE, dot_precision, grid_1d, new_output, use_triton
 from .mp_math import MP_SILU_DIVISOR, mp_add, mp_silu
 from .temporal_conv1d import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
 
@@ -86,20 +86,12 @@ def temporal_conv_block_ref(h: Tensor, residual: Tensor, conv_weight: Tensor, co
 #   conv_epilogue_kernel: grad h, the temporal conv of dy with the flipped, transposed weight.
 # Weight grads accumulate in fp32 and are cast to the parameter dtype at the end.
 
-_poison = False     # tests set this: every buffer a kernel must fully write starts as NaN instead of empty
-
 _NORM_EPS = 1e-12   # F.normalize's default eps (the non-MP time norm)
 
 
 def _kernels():
     from ..kernels import conv_block as kernels
     return kernels
-
-
-def _new(shape, like: Tensor) -> Tensor:
-    if _poison:
-        return torch.full(shape, float('nan'), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _zeros32(*shape, like: Tensor) -> Tensor:
@@ -118,11 +110,6 @@ def _blocks(c: int) -> tuple[int, int]:
     """(BLOCK_C covering all c channels, BLOCK_CI the conv's input-channel step); >= 16 for tl.dot."""
     block_c = max(16, _pow2(c))
     return block_c, min(block_c, 32)
-
-
-def _prec(x: Tensor) -> str:
-    # the reference runs cuDNN convs: follow torch's switch for TF32 tensor cores on fp32 inputs
-    return 'tf32' if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else 'ieee'
 
 
 def _target_programs(x: Tensor) -> int:
@@ -156,7 +143,7 @@ def _conv(kern, x: Tensor, w: Tensor, out: Tensor, frames: int, epi: int, residu
         x, *x.stride(), w, w.stride(0), w.stride(1), w.stride(2), r, *r.stride(), out, *out.stride(),
         bias if bias is not None else out, gain if gain is not None else out, c_out, c_res, silu_scale,
         n, frames, c_in, c_o, p, width, k, k // 2,
-        EPI=epi, PREC=_prec(x), BLOCK_CI=_blocks(c_in)[1])
+        EPI=epi, PREC=dot_precision(x), BLOCK_CI=_blocks(c_in)[1])
     return out
 
 
@@ -172,7 +159,7 @@ def _weight_grad(kern, dy: Tensor, x: Tensor, frames: int, k: int, with_bias: bo
     rows_per_prog = _cdiv(rows, max(1, min(rows, _target_programs(x) // tiles)))
     kern.weight_grad_kernel[grid_1d(_cdiv(rows, rows_per_prog) * tiles)](
         dy, *dy.stride(), x, *x.stride(), dw, db, n, frames, c_o, c_i, p, width, k, k // 2, rows_per_prog,
-        HAS_BIAS=with_bias, PREC=_prec(x), BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=kern.WGRAD_WARPS)
+        HAS_BIAS=with_bias, PREC=dot_precision(x), BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=kern.WGRAD_WARPS)
     return dw, (db if with_bias else None)
 
 
@@ -181,7 +168,7 @@ def _mp_forward(h, residual, conv_weight, proj_weight, gain, batch: int, mp_add_
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
     c_out, c_res = _mp_add_coeffs(mp_add_t)
-    out = _new(h.shape, h)
+    out = new_output(h.shape, h)
     with _device(h):
         if c <= kern.FUSE_MAX_C:
             block_c, block_ci = _blocks(c)
@@ -189,9 +176,9 @@ def _mp_forward(h, residual, conv_weight, proj_weight, gain, batch: int, mp_add_
                 h, *h.stride(), residual, *residual.stride(), out, *out.stride(),
                 conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
                 gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
-                PREC=_prec(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+                PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         else:
-            a = _conv(kern, h, conv_weight, _new(h.shape, h), frames, kern.EPI_MP_SILU,
+            a = _conv(kern, h, conv_weight, new_output(h.shape, h), frames, kern.EPI_MP_SILU,
                       silu_scale=1. / MP_SILU_DIVISOR)
             _conv(kern, a, proj_weight, out, frames, kern.EPI_MP_OUT, residual=residual, gain=gain,
                   c_out=c_out, c_res=c_res)
@@ -210,10 +197,10 @@ def _mp_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: 
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
     c_out, c_res = _mp_add_coeffs(mp_add_t)
-    d_res, dy = _new(h.shape, h), _new(h.shape, h)        # contiguous: the kernel writes them by own offsets
+    d_res, dy = new_output(h.shape, h), new_output(h.shape, h)        # contiguous: the kernel writes them by own offsets
     d_proj, d_gain = _zeros32(c, c, like=h), _zeros32(1, like=h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
-    act = dy if fuse else _new(h.shape, h)                # the split path's activation buffer
+    act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = _cdiv(c, block_c)
     with _device(h):
         kern.mp_block_bwd_kernel[
@@ -221,7 +208,7 @@ def _mp_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: 
             h, *h.stride(), grad, *grad.stride(), d_res, dy, act,
             conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             gain, d_proj, d_gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
-            FUSE_PROJ=fuse, PREC=_prec(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
             # G = sum over frames and pixels of g a^T (Triton reduction); z = wp a is never formed: the gain's
             # grad sum(g * c_out * wp a) equals c_out * sum(wp * G), a C x C product
@@ -229,7 +216,7 @@ def _mp_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: 
             d_proj = g_act.view(c, c) * (c_out * gain.float())
             d_gain = (proj_weight.float().view(c, c) * g_act.view(c, c)).sum() * c_out
         d_conv, _ = _weight_grad(kern, dy, h, frames, k, with_bias=False)
-        d_h = _conv(kern, dy, _flipped(conv_weight), _new(h.shape, h), frames, kern.EPI_NONE)
+        d_h = _conv(kern, dy, _flipped(conv_weight), new_output(h.shape, h), frames, kern.EPI_NONE)
     return (d_h, d_res, d_conv.to(conv_weight.dtype), d_proj.view(c, c, 1).to(proj_weight.dtype),
             d_gain.view(gain.shape).to(gain.dtype))
 
@@ -238,17 +225,17 @@ def _block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
-    out = _new(h.shape, h)
+    out = new_output(h.shape, h)
     fuse = c <= kern.FUSE_MAX_C
     block_c, block_ci = _blocks(c) if fuse else (kern.SPLIT_BLOCK_C, _blocks(c)[1])
-    act = out if fuse else _new(h.shape, h)
+    act = out if fuse else new_output(h.shape, h)
     with _device(h):
         kern.block_fwd_kernel[lambda m: grid_1d(batch * _cdiv(p, m['BLOCK_P']) * _cdiv(c, block_c))](
             h, *h.stride(), residual, *residual.stride(), act, *act.stride(),
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1), proj_bias,
             sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
-            FUSE_PROJ=fuse, PREC=_prec(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
             _conv(kern, act, proj_weight, out, frames, kern.EPI_BIAS_RESIDUAL, residual=residual, bias=proj_bias)
     return out
@@ -258,10 +245,10 @@ def _block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch: 
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
-    d_res, dy, d_h = _new(h.shape, h), _new(h.shape, h), _new(h.shape, h)
+    d_res, dy, d_h = new_output(h.shape, h), new_output(h.shape, h), new_output(h.shape, h)
     d_proj, d_proj_bias, d_gamma = _zeros32(c, c, like=h), _zeros32(c, like=h), _zeros32(c, like=h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
-    act = dy if fuse else _new(h.shape, h)                # the split path's activation buffer
+    act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = _cdiv(c, block_c)
     with _device(h):
         # d_h doubles as the kernel's y scratch until the grad_h conv overwrites it
@@ -270,7 +257,7 @@ def _block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch: 
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             d_proj, d_proj_bias, d_gamma, sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
-            FUSE_PROJ=fuse, PREC=_prec(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
             d_proj = _weight_grad(kern, grad, act, frames, 1, with_bias=False)[0]
         d_conv, d_conv_bias = _weight_grad(kern, dy, h, frames, k, with_bias=True)

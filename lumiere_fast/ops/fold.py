@@ -15,17 +15,12 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._triton import NAMESPACE, grid_1d, use_triton
+from ._triton import NAMESPACE, grid_1d, new_output, use_triton
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
     't c': ('(b t) c h w -> (b h w) t c', '(b h w) t c -> (b t) c h w'),
 }
-
-# Tests set this to fill every launcher-allocated output with NaN before the launch, so an element the kernel
-# never writes shows up instead of reading as whatever torch.empty left there.
-_poison = False
-
 
 def _pattern(layout: str, which: int) -> str:
     if layout not in LAYOUTS:
@@ -42,12 +37,6 @@ def unfold_frames_ref(x: Tensor, batch: int, height: int, width: int, layout: st
 
 
 # ---------------------------------------------------------------------------------------------- Triton path
-
-def _new_output(shape, like: Tensor) -> Tensor:
-    if _poison:
-        return torch.full(shape, float('nan'), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
 
 def _folded_shape(n: int, c: int, t: int, layout: str) -> tuple[int, int, int]:
     return (n, c, t) if layout == 'c t' else (n, t, c)
@@ -91,7 +80,7 @@ def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: 
 def _fold_frames_triton(x: Tensor, batch: int, layout: str) -> Tensor:
     """(b t) c h w (any strides) -> contiguous (b h w) c t or (b h w) t c."""
     bt, c, h, w = x.shape
-    out = _new_output(_folded_shape(batch * h * w, c, bt // batch, layout), x)
+    out = new_output(_folded_shape(batch * h * w, c, bt // batch, layout), x)
     if out.numel():
         _launch(x, out, batch, layout, to_folded=True)
     return out
@@ -108,7 +97,7 @@ def _unfold_frames_triton(x: Tensor, batch: int, height: int, width: int, layout
     """(b h w) c t or (b h w) t c (any strides) -> contiguous (b t) c h w."""
     _, d1, d2 = x.shape
     c, t = (d1, d2) if layout == 'c t' else (d2, d1)
-    out = _new_output((batch * t, c, height, width), x)
+    out = new_output((batch * t, c, height, width), x)
     if out.numel():
         _launch(out, x, batch, layout, to_folded=False)
     return out

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import NAMESPACE, grid_1d, use_triton
+from ._triton import NAMESPACE, dot_precision, grid_1d, new_output, use_triton
 from .fold import fold_frames_ref, unfold_frames_ref
 from .temporal_conv1d import frames_as_time_major, time_major_as_frames
 
@@ -73,28 +73,8 @@ def mp_temporal_upsample_ref(x: Tensor, weight: Tensor, batch: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- Triton path
 
-# Tests set this to fill every launcher-allocated output with NaN before the launch, so an element the kernel
-# never writes shows up instead of reading as whatever torch.empty left there.
-_poison = False
-
-
 def _frames_out(mode: str, t: int) -> int:
     return t // 2 if mode in ('down', 'mp_down') else t * 2
-
-
-def _new(shape, like: Tensor, dtype=None) -> Tensor:
-    dtype = dtype or like.dtype
-    if _poison:
-        return torch.full(shape, float('nan'), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _dot_precision(x: Tensor) -> str:
-    """fp32 GEMMs follow torch's matmul TF32 switch (off by default): exact fp32 unless the user opted in.
-    fp16/bf16 operands ignore the setting; they get Triton's default."""
-    if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return 'ieee'
-    return 'tf32'
 
 
 def _merged(t: Tensor) -> bool:
@@ -130,7 +110,7 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
     bt, c, h, wd = src.shape
     t_src = bt // batch
     p = h * wd
-    y = _new((batch * t_out, c, h, wd), src)
+    y = new_output((batch * t_out, c, h, wd), src)
 
     def grid(meta):
         return grid_1d(batch * t_out * triton.cdiv(p, meta['BLOCK_P']) * triton.cdiv(c, meta['BLOCK_CO']))
@@ -140,7 +120,7 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
         c, t_src, t_out, t_mid, p, wd, float(scale),
         *src.stride(), *w_strides, *y.stride(),
         SRC_MERGED=_merged(src), Y_MERGED=_merged(y),
-        MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=_dot_precision(src))
+        MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=dot_precision(src))
     return y
 
 
@@ -228,8 +208,8 @@ def _resample_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, m
     kmode, nsrc, t_mid, scale = _forward_plan(mode, t)
     split_bj, split_p, p_per = _dw_split(batch * t_out, p, c, x.device)
     n_split = split_bj * split_p
-    part = _new((n_split, *weight.shape), x, torch.float32)
-    part_b = _new((n_split, c), x, torch.float32) if has_bias else part
+    part = new_output((n_split, *weight.shape), x, torch.float32)
+    part_b = new_output((n_split, c), x, torch.float32) if has_bias else part
     d_s, d0, d1, d2 = part.stride()
     d_o, d_i = (d1, d0) if mode == 'up' else (d0, d1)      # ConvTranspose1d weight: (ci, co, k)
 
@@ -242,7 +222,7 @@ def _resample_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, m
         batch * t_out, triton.cdiv(batch * t_out, split_bj), p_per, split_p,
         *x.stride(), *grad.stride(), d_s, d_o, d_i, d2,
         SRC_MERGED=_merged(x), G_MERGED=_merged(grad),
-        MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=_dot_precision(x))
+        MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=dot_precision(x))
     gw = part.sum(0).to(weight.dtype)
     gb = part_b.sum(0).to(weight.dtype) if has_bias else weight.new_empty((0,))
     return gw, gb
