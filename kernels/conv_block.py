@@ -74,6 +74,23 @@ _BWD_CONFIGS = _configs([(dict(BLOCK_P=16, TILES_PER_PROG=4), 8), (dict(BLOCK_P=
 
 
 @triton.jit
+def _clip_pixel_channel_tile(C, P, T, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The non-MP kernels' program -> (first frame of its clip, pixel tile, channel tile), channel tile fastest;
+    with the tiles' indices and masks."""
+    pid = tl.program_id(0)
+    n_ct = tl.cdiv(C, BLOCK_C)
+    n_pt = tl.cdiv(P, BLOCK_P)
+    ct = pid % n_ct
+    pt = (pid // n_ct) % n_pt
+    clip0 = (pid // (n_ct * n_pt)) * T
+    p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    return clip0, p, p_mask, c, c_mask, c_mask[:, None] & p_mask[None, :]
+
+
+@triton.jit
 def _pixel_offsets(p, W, s_h, s_w):
     """Flat pixel index -> element offset for any (H, W) strides (int64: a frame can be large)."""
     p64 = p.to(tl.int64)
@@ -223,17 +240,7 @@ def block_fwd_kernel(
     applies silu and either (FUSE_PROJ, BLOCK_C >= C) projects + adds bias and residual, or stores the activation
     (split path: ``out`` is then the activation buffer and conv_epilogue_kernel projects it).
     Grid (clip, pixel tile, channel tile) flattened."""
-    pid = tl.program_id(0)
-    n_ct = tl.cdiv(C, BLOCK_C)
-    n_pt = tl.cdiv(P, BLOCK_P)
-    ct = pid % n_ct
-    pt = (pid // n_ct) % n_pt
-    clip0 = (pid // (n_ct * n_pt)) * T
-    p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
-    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = c_mask[:, None] & p_mask[None, :]
+    clip0, p, p_mask, c, c_mask, mask = _clip_pixel_channel_tile(C, P, T, BLOCK_C, BLOCK_P)
     h_pix = _pixel_offsets(p, W, sh_h, sh_w)
     o_pix = _pixel_offsets(p, W, so_h, so_w)
     bias = tl.load(bc_ptr + c, mask=c_mask, other=0.).to(tl.float32)
@@ -363,17 +370,7 @@ def block_bwd_kernel(
     FUSE_PROJ (BLOCK_C >= C): grad proj from registers (atomic flush); split: the activation goes to ``a_ptr``
     (grad proj is reduced from it afterwards) and the projection's input grad reads all of g from memory.
     Grid: (clip, pixel tile, channel tile) flattened."""
-    pid = tl.program_id(0)
-    n_ct = tl.cdiv(C, BLOCK_C)
-    n_pt = tl.cdiv(P, BLOCK_P)
-    ct = pid % n_ct
-    pt = (pid // n_ct) % n_pt
-    clip0 = (pid // (n_ct * n_pt)) * T
-    p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
-    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = c_mask[:, None] & p_mask[None, :]
+    clip0, p, p_mask, c, c_mask, mask = _clip_pixel_channel_tile(C, P, T, BLOCK_C, BLOCK_P)
     h_pix = _pixel_offsets(p, W, sh_h, sh_w)
     g_pix = _pixel_offsets(p, W, sg_h, sg_w)
     own = c[:, None].to(tl.int64) * P + p[None, :]          # the contiguous buffers, frame offset added below
