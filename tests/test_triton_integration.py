@@ -1,0 +1,69 @@
+"""The Triton kernels inside the modules and the wrapper: forced with LUMIERE_FAST_BACKEND=triton (the
+interpreter on CPU), compared with the reference backend on the same weights; and torch.compile of whole
+blocks with fullgraph=True (no graph break around the custom ops, the in-place MP renormalisation included).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lumiere_fast as lf
+from lumiere_fast import backend
+from conftest import SMALL_UNET_NAMES, assert_close_rel, perturb_, small_unet
+
+# fp32 through the interpreter: the kernels sum in another order than cuDNN/ATen (tile by tile)
+RTOL = 1e-4
+
+
+def _run(model, video, backend_name, **cond):
+    with backend.use_backend(backend_name), backend.record_choices() as seen, warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)        # attention has no kernel yet: reference, warned
+        v = video.clone().requires_grad_(True)
+        out = model(v, **cond)
+        grads = torch.autograd.grad(out, [v, *model.parameters()], torch.ones_like(out) / out.numel() ** 0.5)
+    return [out, *grads], seen
+
+
+@pytest.mark.parametrize('family', ['MP', ''])
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_wrapper_on_triton_matches_reference(family, mode):
+    unet = small_unet()
+    torch.manual_seed(1)
+    model = getattr(lf, f'{family}Lumiere')(unet, image_size=16, attn_inflation_kwargs=dict(heads=2, dim_head=8),
+                                            **SMALL_UNET_NAMES)
+    perturb_(model)
+    model.train(mode == 'train')
+    ref_model = copy.deepcopy(model)         # train mode renormalises in place: each backend gets its own copy
+    video, time = torch.randn(1, 3, 4, 16, 16), torch.rand(1)
+    got, seen = _run(model, video, 'triton', time=time)
+    ref, _ = _run(ref_model, video, 'reference', time=time)
+    conv_op = 'mp_temporal_conv_block' if family else 'temporal_conv_block'
+    down_op = 'mp_temporal_downsample' if family else 'temporal_downsample'
+    assert seen[conv_op] == {'triton'} and seen[down_op] == {'triton'}, seen
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_close_rel(a, b, RTOL, 1e-7, what=f'{"output" if i == 0 else f"grad #{i}"}')
+
+
+@pytest.mark.parametrize('klass,kw', [('MPConvolutionInflationBlock', {}), ('ConvolutionInflationBlock', {}),
+                                      ('MPTemporalDownsample', {}), ('TemporalUpsample', {})])
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_compiled_block_fullgraph(klass, kw, mode, monkeypatch):
+    monkeypatch.setenv('LUMIERE_FAST_BACKEND', 'triton')
+    torch._dynamo.reset()
+    block = getattr(lf, klass)(dim=5, **kw)
+    perturb_(block)
+    block.train(mode == 'train')
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 5, 4, 2, 3)
+    with backend.record_choices() as seen:
+        out_c = compiled(x)
+    out_e = eager(x)
+    assert any(v == {'triton'} for v in seen.values()), seen
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(block.named_parameters(), eager.parameters()):     # train: the same in-place renorm
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
