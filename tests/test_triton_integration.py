@@ -67,3 +67,23 @@ def test_compiled_block_fullgraph(klass, kw, mode, monkeypatch):
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(block.named_parameters(), eager.parameters()):     # train: the same in-place renorm
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('op', ['mp_temporal_conv_block', 'temporal_conv_block', 'mp_temporal_downsample',
+                                'temporal_upsample'])
+def test_long_clip_128_frames(op):
+    """T=128, the longest clip the issue asks for (the non-MP block holds all frames of its pixels)."""
+    from lumiere_fast import ops
+    b, t, c = 1, 128, 5
+    x, h = torch.randn(b * t, c, 1, 3), torch.randn(b * t, c, 1, 3)
+    w3, w1, vec = torch.randn(c, c, 3) * 0.3, torch.randn(c, c, 1) * 0.3, torch.randn(c)
+    args = {'mp_temporal_conv_block': (h, x, w3, w1, torch.tensor(0.7)),
+            'temporal_conv_block': (h, x, w3, vec, vec.abs(), w1, vec),
+            'mp_temporal_downsample': (x, w3), 'temporal_upsample': (x, w3, vec)}[op]
+    fn = getattr(ops, op)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        got = fn(*args, batch=b)
+    assert seen[op] == {'triton'}
+    with backend.use_backend('reference'):
+        ref = fn(*args, batch=b)
+    assert_close_rel(got, ref, 1e-5, what=op)
