@@ -11,7 +11,14 @@ Beyond upstream (lumiere-pytorch 0.0.24):
   then a check that a mock video keeps its shape;
 * ``ValueError``/``TypeError`` for bad input instead of asserts;
 * the conditioning pre-hook sits only on modules whose forward can take more than its input, not on every
-  submodule (same results, fewer Python calls per forward).
+  submodule (same results, fewer Python calls per forward);
+* no module attribute changes per forward: the hooks read the batch from the video through a per-call state
+  object (one compiled graph across batch sizes);
+* ``named_parameters()`` temporal only, ``temporal_state_dict()`` / ``load_temporal_state_dict()``;
+* ``checkpoint_temporal=True``: temporal modules under non-reentrant activation checkpointing in training;
+* ``identity_init=True``: MP blocks start as exact identities (see ``TemporalModule.identity_init_``);
+* T=1 (images): the temporal down/upsamples pass a single frame through;
+* ``dry_run_input=`` (explicit mock images) and ``check_mock_video=False`` (a single dry-run forward).
 """
 
 from __future__ import annotations
@@ -22,28 +29,90 @@ from copy import deepcopy
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .modules import (AttentionInflationBlock, ConvolutionInflationBlock, MPAttentionInflationBlock,
                       MPConvolutionInflationBlock, MPTemporalDownsample, MPTemporalUpsample, TemporalDownsample,
                       TemporalUpsample)
+from . import ops
 from .modules.layout import TemporalModule
+from .modules.mp_layers import _MPWeight
 
 KINDS = ('conv', 'attn', 'downsample', 'upsample')
+TEMPORAL_GROUPS = ('convs', 'attns', 'downsamples', 'upsamples')
 
 
 # ---------------------------------------------------------------------------------------------- hooks
 # Module-level classes (not closures), so a wrapped model pickles and deep-copies.
 
-class _TemporalHook:
-    """Forward hook: run the temporal module on the output of the image-model module it follows."""
+class _CallState:
+    """What the hooks need to know about the current call, held outside the modules: the video being run.
 
-    def __init__(self, temporal_module: nn.Module):
+    The hooks read the batch size and the frame count from its shape, not from a module attribute set per
+    forward (upstream's ``batch_dim``): under ``torch.compile`` (of the wrapper or of the image model alone)
+    the batch then stays a symbolic size instead of a constant guarded on, so a new batch size does not
+    recompile."""
+
+    def __init__(self):
+        self.video = None
+
+    @property
+    def batch(self):
+        return None if self.video is None else self.video.shape[0]
+
+    @property
+    def single_frame(self) -> bool:
+        return self.video is not None and self.video.shape[2] == 1
+
+    def __getstate__(self):          # per call, never saved
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class _TemporalHook:
+    """Forward hook: run the temporal module on the output of the image-model module it follows.
+
+    ``resample``: a temporal down/upsample, which passes a one-frame video through unchanged (T=1: images
+    through the video model). ``checkpoint``: in training, run the module under ``torch.utils.checkpoint``
+    (its activations are recomputed in backward instead of held)."""
+
+    def __init__(self, temporal_module: nn.Module, state: _CallState, resample: bool = False):
         self.temporal_module = temporal_module
+        self.state = state
+        self.resample = resample
+        self.checkpoint = False
+        # the MP weight layers renormalise their stored weight in train mode; under checkpointing that happens
+        # once, before the checkpointed call, so the recomputation in backward sees the very same weights
+        self.mp_weights = [m for m in temporal_module.modules() if isinstance(m, _MPWeight)]
 
     def __call__(self, module, args, output):
-        return self.temporal_module(output)
+        state = self.state
+        if self.resample and state.single_frame:
+            return output
+        m = self.temporal_module
+        if self.checkpoint and m.training and torch.is_grad_enabled():
+            return self._checkpointed(output, state.batch)
+        return m(output, batch_size=state.batch)
+
+    def _checkpointed(self, output, batch):
+        for w in self.mp_weights:
+            if w.training:
+                ops.renormalize_(w.weight, w.eps)
+        return torch.utils.checkpoint.checkpoint(self._run_prenormalised, output, batch, use_reentrant=False)
+
+    def _run_prenormalised(self, x, batch):
+        modes = [w.training for w in self.mp_weights]
+        for w in self.mp_weights:
+            w.training = False
+        try:
+            return self.temporal_module(x, batch_size=batch)
+        finally:
+            for w, mode in zip(self.mp_weights, modes):
+                w.training = mode
 
 
 def _match_batch(arg, inferred: int):
@@ -180,7 +249,9 @@ class Lumiere(nn.Module):
     ``conv_module_names`` etc. may all be left out for a ``KarrasUnet`` (the paper's points are used);
     ``channels`` defaults to the model's ``channels`` attribute (else 3); ``dry_run_kwargs`` adds keyword
     arguments the model needs for the init dry run (class labels are supplied for a class-conditional
-    KarrasUnet).
+    KarrasUnet); ``dry_run_input`` replaces the mock image batch ``n c h w`` of the dry run (``dry_run_kwargs``
+    then sized for ``n``); ``check_mock_video=False`` skips the mock-video output-shape check after it;
+    ``checkpoint_temporal`` and ``identity_init``: see the module docstring.
     """
 
     def __init__(
@@ -203,6 +274,10 @@ class Lumiere(nn.Module):
         downsample_klass=TemporalDownsample,
         upsample_klass=TemporalUpsample,
         dry_run_kwargs: dict | None = None,
+        dry_run_input: Tensor | None = None,
+        check_mock_video: bool = True,
+        checkpoint_temporal: bool = False,
+        identity_init: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -220,6 +295,11 @@ class Lumiere(nn.Module):
                           ('upsample_kwargs', upsample_kwargs), ('dry_run_kwargs', dry_run_kwargs)):
             if kw is not None and not isinstance(kw, dict):
                 raise TypeError(f'Lumiere: expected {label} as a dict, got {type(kw).__name__}')
+
+        if dry_run_input is not None and (not isinstance(dry_run_input, Tensor) or dry_run_input.ndim != 4):
+            raise ValueError(f'Lumiere: expected dry_run_input as a (batch, channels, height, width) tensor of '
+                             f'images, got {type(dry_run_input).__name__} of shape '
+                             f'{tuple(getattr(dry_run_input, "shape", ()))}')
 
         model = deepcopy(model)
         model.requires_grad_(False)
@@ -248,7 +328,7 @@ class Lumiere(nn.Module):
             dup = sorted({n for n in used if used.count(n) > 1})
             raise ValueError(f'Lumiere: each module can carry one temporal module, got {dup} in several lists')
 
-        order, shapes = self._dry_run(modules, set(used), dry_run_kwargs or {})
+        order, shapes = self._dry_run(modules, set(used), dry_run_kwargs or {}, dry_run_input)
 
         for kind in KINDS:
             missing = [n for n in names[kind] if n not in shapes]
@@ -267,6 +347,8 @@ class Lumiere(nn.Module):
                     raise ValueError(f'Lumiere: module {name!r} outputs shape {tuple(shape)}; a temporal module '
                                      f'needs a 4-dim (b t) c h w output')
                 m = klass[kind](dim=shape[1], **(kwargs[kind] or {}))
+                if identity_init:
+                    m.identity_init_()
                 temporal.append(m)
             built[kind] = nn.ModuleList(temporal)
         p = _first_param(model)
@@ -277,9 +359,15 @@ class Lumiere(nn.Module):
         self.downsamples, self.upsamples = built['downsample'], built['upsample']
         self.module_names = {kind: list(names[kind]) for kind in KINDS}
 
+        self._call_state = _CallState()
+        self._temporal_hooks = []
         for kind in KINDS:
             for name, temporal in zip(names[kind], built[kind]):
-                modules[name].register_forward_hook(_TemporalHook(temporal))
+                hook = _TemporalHook(temporal, self._call_state, resample=kind in ('downsample', 'upsample'))
+                modules[name].register_forward_hook(hook)
+                self._temporal_hooks.append(hook)
+        self.checkpoint_temporal = checkpoint_temporal
+        self.identity_init = bool(identity_init)
 
         # conditioning follows the frames (upstream's pre-hook), on every module that can be handed any
         hook = _ConditioningHook()
@@ -290,7 +378,8 @@ class Lumiere(nn.Module):
         if len(self.parameters()) == 0:
             raise ValueError('Lumiere: no temporal parameters to be learned (all module name lists are empty)')
 
-        self._check_mock_video(dry_run_kwargs or {})
+        if check_mock_video:
+            self._check_mock_video(dry_run_kwargs or {}, dry_run_input)
 
     # -- init helpers -------------------------------------------------------------------------------------
 
@@ -307,8 +396,8 @@ class Lumiere(nn.Module):
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         return torch.randn(n, self.channels, self.image_size, self.image_size, device=device, dtype=dtype)
 
-    def _dry_run(self, modules: dict, wanted: set, extra: dict):
-        """One forward of a mock image: execution order and output shape of every module."""
+    def _dry_run(self, modules: dict, wanted: set, extra: dict, images: Tensor | None):
+        """One forward of a mock image (or of ``images``): execution order and output shape of every module."""
         order, shapes, handles, reused = [], {}, [], []
 
         def post(name):
@@ -323,11 +412,12 @@ class Lumiere(nn.Module):
             if name:
                 handles.append(m.register_forward_hook(post(name)))
         was_training = {m: m.training for m in self.model.modules()}
-        images = self._mock_images(1)
+        if images is None:
+            images = self._mock_images(1)
         try:
             self.model.eval()
             with torch.no_grad():
-                self.model(images, **self._mock_kwargs(1, images.device, images.dtype, extra))
+                self.model(images, **self._mock_kwargs(images.shape[0], images.device, images.dtype, extra))
         except Exception as err:
             # the model rejected the mock call: the wrapper's settings do not fit it
             klass = TypeError if isinstance(err, TypeError) else ValueError
@@ -345,15 +435,18 @@ class Lumiere(nn.Module):
                              f'module can only follow a module that runs once')
         return order, shapes
 
-    def _check_mock_video(self, extra: dict):
+    def _check_mock_video(self, extra: dict, images: Tensor | None):
         """The Todo item of the original README: a mock video must come out with its own shape.
 
         Skipped when a temporal module has a fixed ``time_dim``: the frame count it needs at its level is the
         user's choice, not one a mock video can guess."""
         if any(getattr(m, 'time_dim', None) is not None for m in self.temporal_modules()):
             return
-        images = self._mock_images(self.downsample_factor)
-        video = images.unsqueeze(0).transpose(1, 2)                  # 1 c t h w
+        if images is None:
+            images = self._mock_images(self.downsample_factor)
+        elif images.shape[0] % self.downsample_factor:
+            return        # the user's kwargs are sized for their images: no other frame count fits them
+        video = images.unsqueeze(0).transpose(1, 2)                  # n c h w -> 1 c n h w
         was_training = {m: m.training for m in self.modules()}
         try:
             self.eval()
@@ -362,8 +455,6 @@ class Lumiere(nn.Module):
         finally:
             for m, mode in was_training.items():
                 m.train(mode)
-            for m in self.temporal_modules():
-                m.batch_dim = None            # as after upstream's init: set per forward, not left at the mock's 1
         if tuple(out.shape) != tuple(video.shape):
             raise ValueError(f'Lumiere: the inflated model maps a mock video of shape {tuple(video.shape)} to '
                              f'{tuple(out.shape)}; check the module names (down/upsamples must pair up)')
@@ -381,8 +472,57 @@ class Lumiere(nn.Module):
 
     def parameters(self, recurse: bool = True) -> list:
         """Only the temporal parameters (the image model is frozen); a list, as upstream, so ``len()`` works."""
-        return [p for group in (self.convs, self.attns, self.downsamples, self.upsamples)
-                for p in group.parameters(recurse)]
+        return [p for _, p in self.named_parameters(recurse=recurse)]
+
+    def named_parameters(self, prefix: str = '', recurse: bool = True, remove_duplicate: bool = True):
+        """Only the temporal parameters, named as in ``state_dict()`` (``convs.0.proj_out.weight``, ...).
+
+        ``state_dict()`` stays full (the frozen image model included) so upstream checkpoints load strictly;
+        :meth:`temporal_state_dict` holds only what trains."""
+        memo = set()
+        for attr in TEMPORAL_GROUPS:
+            for name, p in getattr(self, attr).named_parameters(prefix=f'{prefix}.{attr}' if prefix else attr,
+                                                                 recurse=recurse, remove_duplicate=False):
+                if remove_duplicate:
+                    if p in memo:
+                        continue
+                    memo.add(p)
+                yield name, p
+
+    def temporal_state_dict(self) -> dict:
+        """The trained weights only: ``state_dict()`` without the image model's ``model.`` entries."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith('model.')}
+
+    def load_temporal_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load what :meth:`temporal_state_dict` saved; the image model is left as it is.
+
+        With ``strict``, missing or unexpected keys (``model.`` ones included) raise ``ValueError``. Returns
+        ``(missing_keys, unexpected_keys)`` as ``load_state_dict`` does."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f'Lumiere: expected a dict of tensors, got {type(state_dict).__name__}')
+        expected = set(self.temporal_state_dict())
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise ValueError(f'Lumiere.load_temporal_state_dict: missing keys {missing}, unexpected keys {unexpected}'
+                             f' (expected the keys of temporal_state_dict())')
+        for attr in TEMPORAL_GROUPS:
+            head = attr + '.'
+            sub = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
+            getattr(self, attr).load_state_dict(sub, strict=False)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    @property
+    def checkpoint_temporal(self) -> bool:
+        """In training, run each temporal module under ``torch.utils.checkpoint`` (non-reentrant): its
+        activations are recomputed in backward instead of held; same outputs and gradients."""
+        return self._checkpoint_temporal
+
+    @checkpoint_temporal.setter
+    def checkpoint_temporal(self, value: bool):
+        self._checkpoint_temporal = bool(value)
+        for hook in self._temporal_hooks:
+            hook.checkpoint = self._checkpoint_temporal
 
     def _check_video(self, video, args, kwargs):
         if not isinstance(video, Tensor):
@@ -395,9 +535,9 @@ class Lumiere(nn.Module):
             raise ValueError(f'Lumiere: expected {self.channels} channels, got {c} (video shape {tuple(video.shape)})')
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f'Lumiere: expected frames of {self.image_size}x{self.image_size}, got {h}x{w}')
-        if t < 1 or t % self.downsample_factor:
+        if t < 1 or (t > 1 and t % self.downsample_factor):
             raise ValueError(f'Lumiere: expected the number of frames divisible by {self.downsample_factor} '
-                             f'(2 ** {len(self.downsamples)} temporal downsamples), got {t}')
+                             f'(2 ** {len(self.downsamples)} temporal downsamples), or 1 (images), got {t}')
         p = _first_param(self.model)
         if p is not None:
             if video.device != p.device:
@@ -419,9 +559,14 @@ class Lumiere(nn.Module):
         self._check_video(video, args, kwargs)
         b, c, t, h, w = video.shape
         images = video.transpose(1, 2).reshape(b * t, c, h, w)     # b c t h w -> (b t) c h w
-        for m in self.temporal_modules():
-            m.batch_dim = b
-        images = self.model(images, *args, **kwargs)
+        # the hooks read the batch from here (not from module attributes): it stays a symbolic size under
+        # torch.compile; one frame (T=1) passes the temporal down/upsamples through
+        state = self._call_state
+        state.video = video
+        try:
+            images = self.model(images, *args, **kwargs)
+        finally:
+            state.video = None
         return images.reshape(b, t, *images.shape[1:]).transpose(1, 2)   # (b t) c h w -> b c t h w
 
 

@@ -8,6 +8,7 @@ on the way in and on the way out. Everything runs on frames internally; these tw
 
 from __future__ import annotations
 
+from math import sqrt
 from typing import NamedTuple
 
 from torch import Tensor, nn
@@ -32,6 +33,24 @@ class TemporalModule(nn.Module):
         self.batch_dim = None
         self.time_dim = time_dim
         self.channel_last = bool(channel_last)
+        self.skip_rescale = None         # set by identity_init_(): the output is multiplied by it
+
+    def identity_init_(self):
+        """Make a freshly built block an exact identity map (in exact arithmetic), as the Lumiere paper intends.
+
+        The MP blocks end in ``mp_add(branch, x, t) = ((1 - t) branch + t x) / sqrt((1 - t)^2 + t^2)`` with a zero
+        branch at init (zero gain), i.e. ``0.394 x`` for t = 0.3. This rescales that add by
+        ``sqrt((1 - t)^2 + t^2) / t``, so the block computes ``x + (1 - t) / t * branch``: the skip passes through
+        unchanged and the branch trains from zero. The non-MP blocks are already an identity at init (zero
+        projection, plain residual), and the temporal down/upsamples change the frame count, so neither changes.
+        Not part of the state dict: a checkpoint trained with it needs it again on load."""
+        add = getattr(self, 'residual_mp_add', None)
+        if add is not None:
+            t = float(add.t)
+            if not 0. < t <= 1.:
+                raise ValueError(f'{type(self).__name__}: identity init needs mp_add_t in (0, 1], got {t}')
+            self.skip_rescale = sqrt((1 - t) ** 2 + t ** 2) / t
+        return self
 
     def to_frames(self, x: Tensor, batch_size: int | None) -> Frames:
         name = type(self).__name__
@@ -70,6 +89,8 @@ class TemporalModule(nn.Module):
                          f'time_dim on init (or pass a 5-dim video)')
 
     def from_frames(self, y: Tensor, frames: Frames) -> Tensor:
+        if self.skip_rescale is not None:
+            y = y * self.skip_rescale
         if frames.is_video:
             y = y.view(frames.batch, -1, *y.shape[1:]).transpose(1, 2)
         if self.channel_last:

@@ -1,0 +1,254 @@
+"""Issue 7: the wrapper where upstream's Lumiere breaks. Each test fails on lumiere-pytorch 0.0.24's behaviour
+(noted per test) and passes on ours."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lumiere_fast import Lumiere, MPLumiere
+from conftest import SMALL_UNET_NAMES, assert_close_rel, small_unet
+
+
+def _small(klass=Lumiere, unet=None, **kw):
+    return klass(unet if unet is not None else small_unet(), image_size=16, **{**SMALL_UNET_NAMES, **kw})
+
+
+def _perturb_temporal_(lum, scale=0.3):
+    with torch.no_grad():
+        for p in lum.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return lum
+
+
+# ---------------------------------------------------------------------------------------------- (4) parameters
+
+def test_named_parameters_are_temporal_only_and_state_dict_is_full():
+    """Upstream: named_parameters() lists every frozen image-model weight too."""
+    lum = _small(MPLumiere)
+    named = dict(lum.named_parameters())
+    assert named and not any(k.startswith('model.') for k in named)
+    assert [id(p) for p in named.values()] == [id(p) for p in lum.parameters()]
+    sd = lum.state_dict()
+    assert set(named) <= set(sd) and any(k.startswith('model.') for k in sd)
+    assert dict(lum.named_parameters(prefix='lum')).keys() == {f'lum.{k}' for k in named}
+    assert list(lum.named_parameters(recurse=False)) == []
+    assert all(p.requires_grad for p in named.values())
+
+
+def test_temporal_state_dict_round_trip():
+    """Upstream has no way to save only the trained temporal weights."""
+    unet = small_unet()
+    a = _perturb_temporal_(_small(MPLumiere, unet)).eval()
+    b = _small(MPLumiere, unet).eval()
+    sd = a.temporal_state_dict()
+    assert sd and set(sd) == {k for k in a.state_dict() if not k.startswith('model.')}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    result = b.load_temporal_state_dict(torch.load(buf))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    video, t = torch.randn(1, 3, 2, 16, 16), torch.rand(1)
+    torch.testing.assert_close(b(video, time=t), a(video, time=t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='missing keys'):
+        b.load_temporal_state_dict({k: v for k, v in sd.items() if not k.startswith('convs.')})
+    with pytest.raises(ValueError, match="unexpected keys \\['model.x'\\]"):
+        b.load_temporal_state_dict({**sd, 'model.x': torch.zeros(1)})
+    partial = b.load_temporal_state_dict({k: v for k, v in sd.items() if k.startswith('convs.')}, strict=False)
+    assert partial.missing_keys and all(not k.startswith('convs.') for k in partial.missing_keys)
+
+
+# ---------------------------------------------------------------------------------------------- (9) checkpointing
+
+def _loss_and_grads(lum, video, t, cot):
+    out = lum(video, time=t)
+    grads = torch.autograd.grad((out * cot).sum(), lum.parameters())
+    return out, grads
+
+
+@pytest.mark.parametrize('klass', [Lumiere, MPLumiere])
+def test_checkpoint_temporal_same_gradients_fewer_saved_activations(klass):
+    """Upstream has no gradient checkpointing. Ours: identical outputs, gradients and renormalised MP weights,
+    and fewer bytes of activations held for backward (the saved tensors of the autograd graph)."""
+    kw = dict(conv_inflation_kwargs=dict(dropout=0.2)) if klass is MPLumiere else {}
+    torch.manual_seed(0)
+    plain = _perturb_temporal_(_small(klass, **kw)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint_temporal = True
+    assert _small(klass, checkpoint_temporal=True, **kw).checkpoint_temporal
+    video, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    cot = torch.randn_like(video)
+
+    def run(lum):
+        saved = {}
+
+        def pack(x):
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+        torch.manual_seed(5)            # same dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = lum(video, time=t)
+        grads = torch.autograd.grad((out * cot).sum(), lum.parameters())
+        return out, grads, sum(saved.values())
+
+    out_p, grads_p, bytes_p = run(plain)
+    out_c, grads_c, bytes_c = run(ckpt)
+    torch.testing.assert_close(out_c, out_p, rtol=0, atol=0)
+    for a, b in zip(grads_c, grads_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, a), b in zip(ckpt.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert bytes_c < 0.8 * bytes_p, (bytes_c, bytes_p)
+    # eval / no_grad: no checkpointing, nothing changes
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.eval()(video, time=t), plain.eval()(video, time=t), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- (10) identity init
+
+def _per_frame(unet, video, **cond):
+    b, c, t, h, w = video.shape
+    frames = video.transpose(1, 2).reshape(b * t, c, h, w)
+    cond = {k: v.repeat_interleave(t, 0) for k, v in cond.items()}
+    out = unet(frames, **cond)
+    return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
+
+
+def test_identity_init_mp_lumiere_is_the_image_model_per_frame():
+    """Upstream's MP blocks scale their input by 0.394 at init; identity_init=True makes them the identity."""
+    unet = small_unet().eval()
+    names = dict(SMALL_UNET_NAMES, downsample_module_names=[], upsample_module_names=[])
+    lum = MPLumiere(unet, image_size=16, identity_init=True, **names).eval()
+    assert lum.identity_init
+    video, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        expected = _per_frame(unet, video, time=t)
+        assert_close_rel(lum(video, time=t), expected, 1e-6, what='identity init')   # rounding only
+        default = MPLumiere(unet, image_size=16, **names).eval()(video, time=t)
+    assert (default - expected).norm() > 0.1 * expected.norm()        # upstream's behaviour, kept by default
+    block = lum.convs[0]
+    x = torch.randn(2, block.dim, 3, 4, 4)
+    torch.testing.assert_close(block(x), x, rtol=1e-6, atol=1e-6)
+    # the branch still trains: after a step away from zero gain the block is no longer the identity
+    with torch.no_grad():
+        block.proj_out[1].gain.fill_(0.5)
+    assert not torch.allclose(block(x), x, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- (7) T=1
+
+@pytest.mark.parametrize('frames', [1, 8])
+def test_mp_lumiere_karras_unet_one_frame_and_eight(frames):
+    """Upstream rejects T=1 (an assert on divisibility by 2**downsamples). Ours: T=1 runs, with the temporal
+    down/upsamples passing the single frame through; identity_init then gives the image model itself."""
+    unet = small_unet().eval()
+    lum = MPLumiere(unet, image_size=16, identity_init=True)             # the paper's points: 2 downsamples
+    assert lum.downsample_factor == 4
+    video, t = torch.randn(2, 3, frames, 16, 16), torch.rand(2)
+    out = lum(video, time=t)
+    assert out.shape == video.shape and torch.isfinite(out).all()
+    if frames == 1:
+        with torch.no_grad():
+            assert_close_rel(out, _per_frame(unet, video, time=t), 1e-6, what='T=1')
+    out.square().mean().backward()
+    resample = {id(p) for g in (lum.downsamples, lum.upsamples) for p in g.parameters()}
+    assert all(p.grad is not None for p in lum.parameters() if id(p) not in resample)
+    assert all((p.grad is None) == (frames == 1) for p in lum.parameters() if id(p) in resample)
+
+
+@pytest.mark.parametrize('frames', [2, 3, 6])
+def test_frames_not_divisible_still_raise(frames):
+    lum = MPLumiere(small_unet(), image_size=16)
+    with pytest.raises(ValueError, match=f'divisible by 4 .*or 1 \\(images\\), got {frames}'):
+        lum(torch.randn(1, 3, frames, 16, 16), time=torch.rand(1))
+
+
+# ---------------------------------------------------------------------------------------------- (8) compile
+
+def test_one_compiled_graph_across_batch_sizes():
+    """Upstream sets ``batch_dim`` on every temporal module per forward: a module attribute, which dynamo
+    specialises, so a compiled image model recompiles for every new batch size. Ours reads the batch from the
+    video's shape through a per-call state object (no module attribute changes), so it stays a symbolic size.
+    (Batch 1 always gets its own graph: dynamo specialises sizes 0 and 1. The sizes keep b*t < 16, past which
+    torch's conv adds a guard of its own.)"""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    unet = small_unet(image_size=8, dim=4, dim_max=8, num_downsamples=1, attn_res=(4,))
+    names = dict(conv_module_names=['downs.0'], attn_module_names=['mids.0'], downsample_module_names=['downs.1'],
+                 upsample_module_names=['ups.1'])
+    lum = MPLumiere(unet, image_size=8, **names).eval()
+
+    # the whole wrapper, compiled: batch sizes 2 and 3 share one graph
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()         # process-wide: other tests compile too
+    counter = CompileCounter()
+    compiled = torch.compile(lum, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for b in (2, 3):
+            video, t = torch.randn(b, 3, 4, 8, 8), torch.rand(b)
+            torch.testing.assert_close(compiled(video, time=t), lum(video, time=t))
+    assert counter.frame_count == 1, f'{counter.frame_count} graphs for batch sizes 2, 3'
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+    # the image model alone, compiled inside the eager wrapper: once warm, new batch sizes add no graph
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    lum.model.compile(backend=counter, dynamic=True)
+    with torch.no_grad():
+        for b in (3, 4):
+            lum(torch.randn(b, 3, 2, 8, 8), time=torch.rand(b))
+        warm = counter.frame_count
+        for b in (5, 6, 7):
+            lum(torch.randn(b, 3, 2, 8, 8), time=torch.rand(b))
+    assert counter.frame_count == warm, f'recompiled for new batch sizes: {warm} -> {counter.frame_count} frames'
+    assert all(m.batch_dim is None for m in lum.temporal_modules())
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- (1) dry run
+
+class _Counting(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.channels, self.inner, self.calls = model.channels, model, []
+
+    def forward(self, x, time, **kw):
+        self.calls.append(tuple(x.shape))
+        return self.inner(x, time=time, **kw)
+
+
+def test_explicit_dry_run_input_and_a_single_dry_run_forward():
+    """Upstream builds its own mock and runs four full forwards at init (dry_run_input= is a TypeError there)."""
+    model = _Counting(small_unet())
+    names = {k: [f'inner.{n}' for n in v] for k, v in SMALL_UNET_NAMES.items()}
+    images = torch.randn(2, 3, 16, 16)
+    lum = MPLumiere(model, image_size=16, dry_run_input=images, check_mock_video=False, **names)
+    assert lum.model.calls == [(2, 3, 16, 16)]                       # one forward, of the given images
+    lum = MPLumiere(model, image_size=16, dry_run_input=images, **names)
+    assert lum.model.calls == [(2, 3, 16, 16), (2, 3, 16, 16)]       # + the mock-video check, on those frames
+    assert lum(torch.randn(1, 3, 2, 16, 16), time=torch.rand(1)).shape == (1, 3, 2, 16, 16)
+    with pytest.raises(ValueError, match='dry_run_input as a \\(batch, channels, height, width\\) tensor'):
+        MPLumiere(model, image_size=16, dry_run_input=torch.randn(3, 16, 16), **names)
+
+
+# ---------------------------------------------------------------------------------------------- (5) saving
+
+def test_torch_save_round_trip_of_the_whole_wrapper():
+    """Upstream's hook is a local closure: torch.save(lumiere) raises. Ours round-trips (a model that pickles;
+    a KarrasUnet itself does not on this torch, see the README)."""
+    from test_api import ToyUnet
+    lum = MPLumiere(ToyUnet(), image_size=8, conv_module_names=['blocks.0'], downsample_module_names=['blocks.1'],
+                    upsample_module_names=['blocks.2'], checkpoint_temporal=True, identity_init=True)
+    _perturb_temporal_(lum).eval()
+    buf = io.BytesIO()
+    torch.save(lum, buf)
+    buf.seek(0)
+    clone = torch.load(buf, weights_only=False)
+    assert clone.checkpoint_temporal and clone.identity_init
+    video, t = torch.randn(2, 3, 4, 8, 8), torch.rand(2)
+    torch.testing.assert_close(clone(video, time=t), lum(video, time=t), rtol=0, atol=0)
+    assert clone(torch.randn(1, 3, 1, 8, 8), time=torch.rand(1)).shape == (1, 3, 1, 8, 8)
