@@ -69,3 +69,21 @@ def small_unet(**overrides):
 
 SMALL_UNET_NAMES = dict(conv_module_names=['downs.0', 'ups.2'], attn_module_names=['mids.0'],
                         downsample_module_names=['downs.1'], upsample_module_names=['ups.1'])
+
+
+@pytest.fixture
+def poison_and_ieee(monkeypatch):
+    """Kernel tests: launcher outputs start as NaN (an unwritten element fails), and fp32 is exact IEEE on a GPU
+    (the kernels, via ops._triton.dot_precision, and cuDNN both follow torch.backends.cudnn.allow_tf32)."""
+    from lumiere_fast.ops import _triton
+    monkeypatch.setattr(_triton, 'POISON', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+
+
+def strided_frames(b, t, c, H, W, dtype, layout='contiguous', device='cpu'):
+    """A (b t) c H W tensor: contiguous, a channel slice of a wider tensor, or a permuted (channels-last) view."""
+    if layout == 'slice':
+        return torch.randn(b * t, c + 3, H, W, dtype=dtype, device=device)[:, 1:c + 1]
+    if layout == 'permuted':
+        return torch.randn(b * t, H, W, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.randn(b * t, c, H, W, dtype=dtype, device=device)

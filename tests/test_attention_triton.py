@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close_rel, perturb_
+from conftest import assert_close_rel, perturb_, strided_frames
 from lumiere_fast import backend
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import attention as att
@@ -27,6 +27,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 OP = 'mp_temporal_attention_block'
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
+pytestmark = pytest.mark.usefixtures('poison_and_ieee')
 
 
 @pytest.fixture(autouse=True)
@@ -35,19 +36,8 @@ def _reset_dynamo_after():
     torch._dynamo.reset()      # leave no compiled graphs or caches behind for later test files
 
 
-@pytest.fixture(autouse=True)
-def _poison_and_ieee(monkeypatch):
-    monkeypatch.setattr(_triton, 'POISON', True)
-    # on a GPU the kernels follow this switch (ops._triton.dot_precision): fp32 tolerances need IEEE fp32
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-
-
 def _frames(b, t, c, H, W, dtype, layout='contiguous', device=DEVICE):
-    if layout == 'slice':
-        return torch.randn(b * t, c + 3, H, W, dtype=dtype, device=device)[:, 1:c + 1]
-    if layout == 'permuted':
-        return torch.randn(b * t, H, W, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
-    return torch.randn(b * t, c, H, W, dtype=dtype, device=device)
+    return strided_frames(b, t, c, H, W, dtype, layout, device)
 
 
 def _unit_rows(*shape):

@@ -17,7 +17,7 @@ import torch
 
 from lumiere_fast.ops import _triton
 
-from conftest import assert_close_rel, perturb_
+from conftest import assert_close_rel, perturb_, strided_frames
 from lumiere_fast import backend
 from lumiere_fast.ops import conv_block as cb
 
@@ -32,22 +32,11 @@ NOISE_FLOOR = 1e-5
 MP, NON_MP = 'mp_temporal_conv_block', 'temporal_conv_block'
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_ieee(monkeypatch):
-    monkeypatch.setattr(_triton, 'POISON', True)
-    # on a GPU both the kernels (ops._triton.dot_precision) and cuDNN follow this switch: fp32 tolerances need IEEE fp32
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+pytestmark = pytest.mark.usefixtures('poison_and_ieee')
 
 
 def _frames(b, t, c, H, W, dtype, layout='contiguous', device=DEVICE):
-    """A (b t) c H W tensor: contiguous, a channel slice of a wider tensor, or a permuted (channels-last) view."""
-    if layout == 'slice':
-        return torch.randn(b * t, c + 3, H, W, dtype=dtype, device=device)[:, 1:c + 1]
-    if layout == 'permuted':
-        return torch.randn(b * t, H, W, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
-    return torch.randn(b * t, c, H, W, dtype=dtype, device=device)
+    return strided_frames(b, t, c, H, W, dtype, layout, device)
 
 
 def _params(op, c, k, dtype, device=DEVICE):
