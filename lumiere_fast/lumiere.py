@@ -13,7 +13,10 @@ Beyond upstream (lumiere-pytorch 0.0.24):
 * the conditioning pre-hook sits only on modules whose forward can take more than its input, not on every
   submodule (same results, fewer Python calls per forward);
 * no module attribute changes per forward: the hooks read the batch from the video through a per-call state
-  object (one compiled graph across batch sizes);
+  object (one compiled graph across batch sizes; :meth:`Lumiere.compile` puts batch 1 in it too);
+* per-frame floating-point conditioning is averaged over the frames a temporal downsample merged (upstream
+  keeps the first frame of each group);
+* ``torch.save`` round-trips a wrapped ``KarrasUnet`` (``SDPBackend`` members pickle by name);
 * ``named_parameters()`` temporal only, ``temporal_state_dict()`` / ``load_temporal_state_dict()``;
 * ``checkpoint_temporal=True``: temporal modules under non-reentrant activation checkpointing in training;
 * ``identity_init=True``: MP blocks start as exact identities (see ``TemporalModule.identity_init_``);
@@ -23,8 +26,10 @@ Beyond upstream (lumiere-pytorch 0.0.24):
 
 from __future__ import annotations
 
+import copyreg
 import difflib
 import inspect
+from contextlib import nullcontext
 from copy import deepcopy
 from functools import partial
 
@@ -116,16 +121,32 @@ class _TemporalHook:
 
 
 def _match_batch(arg, inferred: int):
-    """Upstream's rule for a conditioning tensor next to frames of leading size ``inferred``: fewer rows are
-    repeated per frame ('b ... -> (b t) ...'), more rows keep the first of each group."""
+    """A conditioning tensor next to frames of leading size ``inferred``.
+
+    Fewer rows are repeated per frame ('b ... -> (b t) ...'), as upstream. More rows means per-frame
+    conditioning at a temporally downsampled level, where each frame stands for a group of input frames:
+    floating-point conditioning gets the mean of its group (upstream keeps the first frame of each group and
+    drops the rest); integer conditioning (labels) cannot be averaged and keeps the first of each group."""
     if not isinstance(arg, Tensor) or arg.ndim == 0:
         return arg
     cond = arg.shape[0]
     if cond < inferred:
         return arg.repeat_interleave(inferred // cond, dim=0)
     if cond > inferred:
-        return arg.reshape(inferred, cond // inferred, *arg.shape[1:])[:, 0]
+        groups = arg.reshape(inferred, cond // inferred, *arg.shape[1:])
+        if not arg.is_floating_point():
+            return groups[:, 0]
+        return _group_mean(groups)
     return arg
+
+
+def _group_mean(groups: Tensor) -> Tensor:
+    """Mean over dim 1 by pairwise halving while the group size is even (it is 2**levels here): conditioning that
+    is the same for every frame of a group (per-video conditioning repeated per frame) comes out bit-identical,
+    so outputs match upstream exactly wherever upstream's first-of-group rule was right."""
+    while groups.shape[1] > 1 and groups.shape[1] % 2 == 0:
+        groups = 0.5 * (groups[:, 0::2] + groups[:, 1::2])
+    return groups.mean(1) if groups.shape[1] > 1 else groups[:, 0]
 
 
 class _ConditioningHook:
@@ -141,6 +162,64 @@ class _ConditioningHook:
         inferred = first.shape[0]
         rest_args, rest_kwargs = tree_unflatten([_match_batch(a, inferred) for a in flat], spec)
         return (first, *rest_args), rest_kwargs
+
+
+# ---------------------------------------------------------------------------------------------- pickling
+
+def _sdp_backend(name: str):
+    from torch.nn.attention import SDPBackend
+    return getattr(SDPBackend, name)
+
+
+def _register_sdp_backend_pickling():
+    """Make ``torch.nn.attention.SDPBackend`` members picklable (by name).
+
+    denoising-diffusion-pytorch's ``Attend`` (inside every ``KarrasUnet``) holds a list of these pybind enum
+    members, which pickle cannot find by their class name (``torch.nn.attention._SDPBackend``), so
+    ``torch.save`` of a KarrasUnet, wrapped or not, fails on current torch. Registering a reducer that
+    rebuilds a member from its name only turns that error into a round trip; nothing that pickled before
+    changes."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:          # torch without the enum: nothing holds one
+        return
+    klass = type(SDPBackend.MATH)
+    if klass not in copyreg.dispatch_table:
+        copyreg.pickle(klass, lambda member: (_sdp_backend, (member.name,)))
+
+
+_register_sdp_backend_pickling()
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+def _size_oblivious_tracing():
+    """Tracing where a size that happens to be 1 is not specialised to the constant 1 (torch >= 2.6 has the
+    switch; on older torch batch 1 simply gets its own graph)."""
+    try:
+        import torch.fx.experimental._config as fx_config
+    except ImportError:
+        return nullcontext()
+    if not hasattr(fx_config, 'backed_size_oblivious'):
+        return nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
+
+
+class _AnyBatchCompiledCall:
+    """What :meth:`Lumiere.compile` installs as the module's compiled call: marks the leading (batch) dim of the
+    video and of every tensor argument dynamic, and traces size-obliviously, so batch sizes 1, 2, 3, ... share
+    one graph."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        import torch._dynamo
+        for arg in tree_flatten((args, kwargs))[0]:
+            if isinstance(arg, Tensor) and arg.ndim > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        with _size_oblivious_tracing():
+            return self.compiled(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -511,6 +590,18 @@ class Lumiere(nn.Module):
             sub = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
             getattr(self, attr).load_state_dict(sub, strict=False)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def compile(self, *args, **kwargs):
+        """``nn.Module.compile`` (compile this module's call in place; arguments go to ``torch.compile``), with one
+        graph for every batch size, batch 1 included.
+
+        Plain ``torch.compile(lumiere)`` already keeps one graph for batch sizes 2, 3, 4, ... (no module attribute
+        changes per forward), but dynamo specialises any size that is 1 when it traces, so batch 1 gets a graph of
+        its own. Here the leading dim of the video and of each tensor argument is marked dynamic before every
+        call and tracing treats sizes size-obliviously (``torch.fx.experimental._config.backed_size_oblivious``,
+        torch >= 2.6), so batch 1 runs the same graph. That graph assumes nothing in the image model branches on
+        a batch of exactly 1 (e.g. ``squeeze(0)``); the tests hold its output to the eager one for batch 1, 2, 3."""
+        self._compiled_call_impl = _AnyBatchCompiledCall(torch.compile(self._call_impl, *args, **kwargs))
 
     @property
     def checkpoint_temporal(self) -> bool:

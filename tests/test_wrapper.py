@@ -139,6 +139,23 @@ def test_identity_init_mp_lumiere_is_the_image_model_per_frame():
     assert not torch.allclose(block(x), x, atol=1e-3)
 
 
+@pytest.mark.parametrize('klass,kw', [('MPConvolutionInflationBlock', {}),
+                                      ('MPAttentionInflationBlock', dict(heads=2, dim_head=8, depth=2))])
+def test_identity_init_as_a_block_argument(klass, kw):
+    """The MP blocks take ``identity_init=True`` themselves (standalone, or through ``conv_inflation_kwargs`` /
+    ``attn_inflation_kwargs``); default off, as upstream."""
+    import lumiere_fast
+    block = getattr(lumiere_fast, klass)(dim=8, identity_init=True, **kw).eval()
+    x = torch.randn(2, 8, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x, rtol=1e-6, atol=1e-6)
+        default = getattr(lumiere_fast, klass)(dim=8, **kw).eval()
+        assert default.skip_rescale is None and (default(x) - x).norm() > 0.1 * x.norm()
+    lum = MPLumiere(small_unet(), image_size=16, conv_inflation_kwargs=dict(identity_init=True),
+                    **dict(SMALL_UNET_NAMES, attn_module_names=[], downsample_module_names=[], upsample_module_names=[]))
+    assert all(m.skip_rescale is not None for m in lum.convs)
+
+
 # ---------------------------------------------------------------------------------------------- (7) T=1
 
 @pytest.mark.parametrize('frames', [1, 8])
@@ -169,22 +186,43 @@ def test_frames_not_divisible_still_raise(frames):
 
 # ---------------------------------------------------------------------------------------------- (8) compile
 
-def test_one_compiled_graph_across_batch_sizes():
-    """Upstream sets ``batch_dim`` on every temporal module per forward: a module attribute, which dynamo
-    specialises, so a compiled image model recompiles for every new batch size. Ours reads the batch from the
-    video's shape through a per-call state object (no module attribute changes), so it stays a symbolic size.
-    (Batch 1 always gets its own graph: dynamo specialises sizes 0 and 1. The sizes keep b*t < 16, past which
-    torch's conv adds a guard of its own.)"""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounter
+def _tiny_compile_lumiere():
     unet = small_unet(image_size=8, dim=4, dim_max=8, num_downsamples=1, attn_res=(4,))
     names = dict(conv_module_names=['downs.0'], attn_module_names=['mids.0'], downsample_module_names=['downs.1'],
                  upsample_module_names=['ups.1'])
-    lum = MPLumiere(unet, image_size=8, **names).eval()
+    return MPLumiere(unet, image_size=8, **names).eval()
 
-    # the whole wrapper, compiled: batch sizes 2 and 3 share one graph
+
+def test_one_compiled_graph_for_batch_sizes_one_two_three():
+    """Upstream sets ``batch_dim`` on every temporal module per forward: a module attribute, which dynamo
+    specialises, so a compiled model recompiles for every new batch size. ``lum.compile()`` keeps one graph for
+    batch sizes 1, 2, 3 (dynamo would otherwise specialise batch 1), with the eager outputs."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    lum = _tiny_compile_lumiere()
+    eager = copy.deepcopy(lum)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()         # process-wide: other tests compile too
+    counter = CompileCounter()
+    lum.compile(backend=counter)
+    try:
+        with torch.no_grad():
+            for b in (1, 2, 3, 1):
+                video, t = torch.randn(b, 3, 4, 8, 8), torch.rand(b)
+                torch.testing.assert_close(lum(video, time=t), eager(video, time=t))
+                assert counter.frame_count == 1, f'{counter.frame_count} graphs after batch size {b}'
+        assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_plain_torch_compile_and_compiled_image_model_keep_one_graph_across_batch_sizes():
+    """``torch.compile(lumiere)`` (batch 1 aside: dynamo's own size-1 rule) and an image model compiled inside
+    the eager wrapper: new batch sizes add no graph, because no module attribute changes per forward."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    lum = _tiny_compile_lumiere()
+    torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(lum, backend=counter, dynamic=True)
     with torch.no_grad():
@@ -192,9 +230,7 @@ def test_one_compiled_graph_across_batch_sizes():
             video, t = torch.randn(b, 3, 4, 8, 8), torch.rand(b)
             torch.testing.assert_close(compiled(video, time=t), lum(video, time=t))
     assert counter.frame_count == 1, f'{counter.frame_count} graphs for batch sizes 2, 3'
-    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
 
-    # the image model alone, compiled inside the eager wrapper: once warm, new batch sizes add no graph
     torch._dynamo.reset()
     counter = CompileCounter()
     lum.model.compile(backend=counter, dynamic=True)
@@ -207,6 +243,64 @@ def test_one_compiled_graph_across_batch_sizes():
     assert counter.frame_count == warm, f'recompiled for new batch sizes: {warm} -> {counter.frame_count} frames'
     assert all(m.batch_dim is None for m in lum.temporal_modules())
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- (6) conditioning
+
+class _CondBlock(nn.Module):
+    def __init__(self, dim, cond_dim):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.to_cond = nn.Linear(cond_dim, dim)
+
+    def forward(self, x, cond=None):
+        x = self.conv(x)
+        return x if cond is None else x + self.to_cond(cond)[:, :, None, None]
+
+
+class _PerFrameCondModel(nn.Module):
+    """A per-frame conditioning tensor handed to a block that runs after a temporal downsample."""
+    channels = 3
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mid = _CondBlock(8, 4)
+        self.up, self.out = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, time=None, cond=None):
+        return self.out(self.up(self.mid(self.down(self.inp(x)), cond=cond)))
+
+
+_COND_NAMES = dict(conv_module_names=['inp'], downsample_module_names=['down'], upsample_module_names=['up'])
+
+
+def test_per_frame_conditioning_is_averaged_over_merged_frames():
+    """Upstream hands a block after a temporal downsample the first frame's conditioning of each merged pair
+    and silently drops the other (so changing the second frame's conditioning changes nothing). Ours gives the
+    merged frame the mean of its frames' conditioning: per-frame (b*t, ...) conditioning counts for every frame,
+    and per-video conditioning (the same in every frame of a group) gives exactly upstream's result."""
+    torch.manual_seed(0)
+    lum = _perturb_temporal_(Lumiere(_PerFrameCondModel(), image_size=8, **_COND_NAMES)).eval()
+    video = torch.randn(2, 3, 4, 8, 8)
+    cond = torch.randn(8, 4)                                 # (b t) rows: one per frame
+    second = cond.clone()
+    second[1::2] += 1.                                       # the second frame of every merged pair
+    pair_mean = cond.reshape(4, 2, 4).mean(1).repeat_interleave(2, dim=0)
+    with torch.no_grad():
+        out = lum(video, cond=cond)
+        assert (lum(video, cond=second) - out).abs().max() > 1e-2          # every frame's conditioning counts
+        torch.testing.assert_close(lum(video, cond=pair_mean), out)        # ... through the mean of its group
+        per_video = lum(video, cond=cond[::4])                             # (b, ...) rows: repeated per frame
+        torch.testing.assert_close(lum(video, cond=cond[::4].repeat_interleave(4, dim=0)), per_video, rtol=0, atol=0)
+
+
+def test_zero_dim_kwarg_passes_through_the_conditioning_hook():
+    """Upstream's pre-hook indexes ``shape[0]`` of every tensor kwarg: a 0-dim tensor raises IndexError."""
+    lum = Lumiere(_PerFrameCondModel(), image_size=8, **_COND_NAMES).eval()
+    with torch.no_grad():
+        out = lum(torch.randn(2, 3, 4, 8, 8), cond=torch.randn(2, 4), time=torch.tensor(0.5))
+    assert out.shape == (2, 3, 4, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------- (1) dry run
@@ -252,3 +346,20 @@ def test_torch_save_round_trip_of_the_whole_wrapper():
     video, t = torch.randn(2, 3, 4, 8, 8), torch.rand(2)
     torch.testing.assert_close(clone(video, time=t), lum(video, time=t), rtol=0, atol=0)
     assert clone(torch.randn(1, 3, 1, 8, 8), time=torch.rand(1)).shape == (1, 3, 1, 8, 8)
+
+
+def test_torch_save_round_trip_of_a_wrapped_karras_unet():
+    """A KarrasUnet holds ``SDPBackend`` enum members (denoising-diffusion-pytorch's ``Attend``) that pickle cannot
+    find by name, so ``torch.save`` fails for it, wrapped or not; importing lumiere_fast registers a by-name
+    reducer for them, and the whole wrapper round-trips."""
+    lum = _perturb_temporal_(MPLumiere(small_unet(), image_size=16, **SMALL_UNET_NAMES)).eval()
+    buf = io.BytesIO()
+    torch.save(lum, buf)
+    buf.seek(0)
+    clone = torch.load(buf, weights_only=False)
+    video, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(video, time=t), lum(video, time=t), rtol=0, atol=0)
+    attend = [m for m in clone.modules() if type(m).__name__ == 'Attend']
+    assert attend, 'the small KarrasUnet should hold an Attend module'
+    copy.deepcopy(lum)

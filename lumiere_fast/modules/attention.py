@@ -132,7 +132,8 @@ class MPAttention(nn.Module):
 
 
 class MPAttentionInflationBlock(TemporalModule):
-    def __init__(self, *, dim, depth=1, time_dim=None, channel_last=False, mp_add_t=0.3, dropout=0., **attn_kwargs):
+    def __init__(self, *, dim, depth=1, time_dim=None, channel_last=False, mp_add_t=0.3, dropout=0., identity_init=False,
+                 **attn_kwargs):
         super().__init__(dim, time_dim, channel_last)
         kw = _check_kwargs(type(self).__name__, attn_kwargs, dict(heads=4, dim_head=64, num_mem_kv=4))
         if not isinstance(depth, int) or depth < 1:
@@ -144,6 +145,8 @@ class MPAttentionInflationBlock(TemporalModule):
         self.temporal_attns = nn.ModuleList([MPAttention(dim=dim, dropout=dropout, **kw) for _ in range(depth)])
         self.proj_out = nn.Sequential(MPLinear(dim, dim), Gain())
         self.residual_mp_add = MPAdd(t=mp_add_t)
+        if identity_init:            # opt-in: an exact identity at init (see TemporalModule.identity_init_)
+            self.identity_init_()
 
     def forward(self, x: Tensor, batch_size: int | None = None) -> Tensor:
         f = self.to_frames(x, batch_size)

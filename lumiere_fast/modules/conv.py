@@ -59,7 +59,7 @@ class ConvolutionInflationBlock(TemporalModule):
 
 class MPConvolutionInflationBlock(TemporalModule):
     def __init__(self, *, dim, conv2d_kernel_size=3, conv1d_kernel_size=3, channel_last=False, time_dim=None,
-                 mp_add_t=0.3, dropout=0.):
+                 mp_add_t=0.3, dropout=0., identity_init=False):
         super().__init__(dim, time_dim, channel_last)
         _check_odd(type(self).__name__, conv2d_kernel_size=conv2d_kernel_size, conv1d_kernel_size=conv1d_kernel_size)
         # eps=3: upstream passes a positional 3 into the eps slot of both weight layers (a quirk kept for parity)
@@ -67,6 +67,8 @@ class MPConvolutionInflationBlock(TemporalModule):
         self.temporal_conv = nn.Sequential(MPConv1d(dim, dim, conv1d_kernel_size, 3), MPSiLU(), nn.Dropout(dropout))
         self.proj_out = nn.Sequential(MPConv1d(dim, dim, 1), Gain())
         self.residual_mp_add = MPAdd(t=mp_add_t)
+        if identity_init:            # opt-in: an exact identity at init (see TemporalModule.identity_init_)
+            self.identity_init_()
 
     def forward(self, x: Tensor, batch_size: int | None = None) -> Tensor:
         f = self.to_frames(x, batch_size)
