@@ -184,6 +184,27 @@ def test_frames_not_divisible_still_raise(frames):
         lum(torch.randn(1, 3, frames, 16, 16), time=torch.rand(1))
 
 
+# ---------------------------------------------------------------------------------------------- (2) any subset
+
+@pytest.mark.parametrize('kinds', [('conv',), ('attn',), ('conv', 'attn'), ('downsample', 'upsample'),
+                                   ('conv', 'downsample', 'upsample')])
+@pytest.mark.parametrize('klass', [Lumiere, MPLumiere])
+def test_any_subset_of_the_four_kinds(kinds, klass):
+    """Upstream's default ``attn_module_names=[]`` (and any other empty list) crashes with "not enough values to
+    unpack"; ours inflates with any subset, conv-only without resampling included."""
+    names = {f'{k}_module_names': (SMALL_UNET_NAMES[f'{k}_module_names'] if k in kinds else [])
+             for k in ('conv', 'attn', 'downsample', 'upsample')}
+    lum = klass(small_unet(), image_size=16, **names)
+    assert len(lum.convs) == ('conv' in kinds) * len(SMALL_UNET_NAMES['conv_module_names'])
+    assert len(lum.downsamples) == ('downsample' in kinds) * len(SMALL_UNET_NAMES['downsample_module_names'])
+    frames = 2 * lum.downsample_factor
+    video = torch.randn(1, 3, frames, 16, 16)
+    out = lum(video, time=torch.rand(1))
+    assert out.shape == video.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in lum.parameters())
+
+
 # ---------------------------------------------------------------------------------------------- (8) compile
 
 def _tiny_compile_lumiere():
