@@ -30,6 +30,8 @@ import os
 import triton
 import triton.language as tl
 
+from .grid import unravel3, unravel4
+
 # The interpreter (CPU tests) runs numpy per program: one small config, no autotuning sweep.
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
@@ -80,9 +82,8 @@ def _clip_pixel_channel_tile(C, P, T, BLOCK_C: tl.constexpr, BLOCK_P: tl.constex
     pid = tl.program_id(0)
     n_ct = tl.cdiv(C, BLOCK_C)
     n_pt = tl.cdiv(P, BLOCK_P)
-    ct = pid % n_ct
-    pt = (pid // n_ct) % n_pt
-    clip0 = (pid // (n_ct * n_pt)) * T
+    ct, pt, clip = unravel3(pid, n_ct, n_pt)
+    clip0 = clip * T
     p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
     c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -161,9 +162,7 @@ def conv_epilogue_kernel(
     pid = tl.program_id(0)
     n_ct = tl.cdiv(C_out, BLOCK_C)
     n_pt = tl.cdiv(P, BLOCK_P)
-    ct = pid % n_ct
-    pt = (pid // n_ct) % n_pt
-    n = pid // (n_ct * n_pt)
+    ct, pt, n = unravel3(pid, n_ct, n_pt)
     t = n % T
     p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
@@ -306,9 +305,7 @@ def mp_block_bwd_kernel(
     pid = tl.program_id(0)
     n_ct = tl.cdiv(C, BLOCK_C)
     n_grp = tl.cdiv(tl.cdiv(P, BLOCK_P), TILES_PER_PROG)
-    ct = pid % n_ct
-    grp = (pid // n_ct) % n_grp
-    n = pid // (n_ct * n_grp)
+    ct, grp, n = unravel3(pid, n_ct, n_grp)
     t = n % T
     c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -446,10 +443,7 @@ def weight_grad_kernel(
     pid = tl.program_id(0)
     n_co = tl.cdiv(C_out, BLOCK_CO)
     n_ci = tl.cdiv(C_in, BLOCK_CI)
-    cit = pid % n_ci
-    cot = (pid // n_ci) % n_co
-    k = (pid // (n_ci * n_co)) % K
-    split = pid // (n_ci * n_co * K)
+    cit, cot, k, split = unravel4(pid, n_ci, n_co, K)
     co = cot * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci = cit * BLOCK_CI + tl.arange(0, BLOCK_CI)
     co_mask = co < C_out

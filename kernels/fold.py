@@ -18,6 +18,8 @@ import os
 import triton
 import triton.language as tl
 
+from .grid import unravel4
+
 # (BLOCK_Q, BLOCK_P, num_warps). Q is T (<= 64 in practice, 16 for the shapes) for layout 'c t' and C
 # (up to 768) for 't c'; small Q wants a narrow, long tile, large Q a squarer one. 16-32 KiB of bf16 per
 # tile keeps enough bytes in flight per SM without spilling the layout conversion's shared memory.
@@ -68,12 +70,7 @@ def fold_frames_kernel(src, dst, T, W, P, Q, R,
     pid = tl.program_id(0).to(tl.int64)
     n_p_tiles = tl.cdiv(P, BLOCK_P)       # here, not in the launcher: the tile sizes are autotuned
     n_q_tiles = tl.cdiv(Q, BLOCK_Q)
-    p_tile = pid % n_p_tiles
-    rest = pid // n_p_tiles
-    q_tile = rest % n_q_tiles
-    rest = rest // n_q_tiles
-    r = rest % R
-    b = rest // R
+    p_tile, q_tile, r, b = unravel4(pid, n_p_tiles, n_q_tiles, R)
 
     q = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]                    # int64 [BLOCK_Q, 1]
     p = (p_tile * BLOCK_P).to(tl.int32) + tl.arange(0, BLOCK_P)[None, :]     # int32 [1, BLOCK_P]

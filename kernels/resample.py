@@ -27,6 +27,8 @@ import os
 import triton
 import triton.language as tl
 
+from .grid import unravel3, unravel4
+
 MODE_DOWN = 0
 MODE_UP = 1
 MODE_INTERP = 2
@@ -170,10 +172,7 @@ def resample_kernel(src_ptr, w_ptr, b_ptr, y_ptr,
     pid = tl.program_id(0)
     n_co = tl.cdiv(C, BLOCK_CO)
     n_p = tl.cdiv(P, BLOCK_P)
-    ct = pid % n_co
-    rest = pid // n_co
-    pt = rest % n_p
-    bj = rest // n_p
+    ct, pt, bj = unravel3(pid, n_co, n_p)
     bi = bj // T_OUT
     j = bj % T_OUT
 
@@ -232,12 +231,7 @@ def resample_dw_kernel(src_ptr, g_ptr, dw_ptr, db_ptr,
     pid = tl.program_id(0)
     n_co = tl.cdiv(C, BLOCK_CO)
     n_ci = tl.cdiv(C, BLOCK_CI)
-    cit = pid % n_ci
-    rest = pid // n_ci
-    ct = rest % n_co
-    rest = rest // n_co
-    k = rest % 3
-    split = rest // 3
+    cit, ct, k, split = unravel4(pid, n_ci, n_co, 3)
     sp = split % SPLIT_P
     sbj = split // SPLIT_P
 
