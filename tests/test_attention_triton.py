@@ -3,8 +3,10 @@
 Without a GPU everything runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors, so shapes are tiny.
 Every case: forward and the gradients of x and every parameter, with the kernel path forced
 (``use_backend('triton')``) and checked to have run (``record_choices``), and every buffer the launchers
-allocate poisoned with NaN first (``ops._triton.POISON``). MP: forward and backward are Triton kernels; non-MP:
-forward kernels, backward a reference recompute (the current state, see ops/attention.py).
+allocate poisoned with NaN first (``ops._triton.POISON``). Both blocks, forward and backward, are Triton kernels.
+Row tiles pack BLOCK_R // T positions (16 rows under the interpreter); shapes below leave position tails in the
+last tile, and ``kernels.ATTN_ROWS_MAX`` is lowered in one test so a short clip goes through the forward's
+key-block loop (online softmax) cheaply.
 """
 
 from __future__ import annotations
@@ -115,6 +117,38 @@ def test_long_clip_forward():
     _check(1, 33, 8, 1, 2, mem=4, grad=False)
 
 
+def _tiles(t):
+    from lumiere_fast.kernels import attention as kern
+    return att._row_tiles(kern, t)
+
+
+# b, t, H, W: positions (b * H * W) = 21 or 15, not a multiple of the positions per tile (16 // t)
+@pytest.mark.parametrize('b, t, H, W', [(3, 1, 1, 7), (3, 2, 1, 7), (3, 3, 1, 7)])   # T = 13: test_fp32
+def test_packed_positions_with_tails(b, t, H, W):
+    """Several positions per row tile (block-diagonal mask) with a partial last tile, both blocks."""
+    _, _, pos, qb = _tiles(t)
+    assert qb == 1 and (pos == 1 or (b * H * W) % pos), 'the shape must leave a partial last tile'
+    _check(b, t, 8, H, W, mem=3)
+    _check_nonmp(b, t, 8, H, W)
+
+
+def test_key_block_loop(monkeypatch):
+    """T = 37 with 16-frame blocks: 3 query blocks x 3 key blocks (the last ones partial) through the online softmax
+    and the long-clip backward (dk/dv and dq launches from the saved log-sum-exp), with and without memory keys."""
+    from lumiere_fast.kernels import attention as kern
+    monkeypatch.setattr(kern, 'ATTN_ROWS_MAX', 16)
+    assert _tiles(37) == (16, 16, 1, 3)
+    _check(1, 37, 8, 1, 2, mem=4)
+    _check_nonmp(1, 37, 8, 1, 2, depth=1)
+
+
+def test_long_clip_70_frames_forward():
+    """T = 70 over the default 64-frame blocks (2 query x 2 key blocks), forward only (the interpreter is slow)."""
+    assert _tiles(70)[3] == 2
+    _check(1, 70, 8, 1, 1, mem=4, grad=False)
+    _check_nonmp(1, 70, 8, 1, 1, grad=False)
+
+
 def test_dropout_in_training_takes_the_reference():
     x = torch.randn(6, 8, 2, 2)
     ps = _params(8, 2, 16, 4, 1, torch.float32)
@@ -189,8 +223,7 @@ def test_compile_fullgraph_no_graph_break(compile_backend, monkeypatch):
 
 
 # ---------------------------------------------------------------------- non-MP (x-transformers) block
-# Forward kernels; the backward is the reference's autograd recomputed in the registered backward (see
-# ops/attention.py), so its gradient checks cover the op's plumbing (saved inputs, list grads, placeholders).
+# Forward and backward kernels (RMSNorm pre-norm folded into the core; its backward a separate kernel).
 
 NON_MP = 'temporal_attention_block'
 
@@ -271,6 +304,14 @@ def test_nonmp_module_matches_upstream():
         assert_close_rel(p.grad, up[name].grad, 1e-5, atol=1e-7, what=f'module grad {name}')
 
 
+def test_nonmp_opcheck():
+    ps = [p.requires_grad_(True) for p in _nonmp_params(8, 2, 16, 1, True, torch.float32, 'cpu')]
+    g, wq, wk, wv, wo = _nonmp_layers(ps)[0]
+    x = torch.randn(4, 8, 1, 2, requires_grad=True)
+    args = (x, [g], [wq], [wk], [wv], [wo], ps[0], ps[1], 2, 2, True, True)
+    torch.library.opcheck(torch.ops.lumiere_fast.temporal_attention_block.default, args)
+
+
 @pytest.mark.parametrize('compile_backend', ['aot_eager'])
 def test_nonmp_compile_fullgraph_no_graph_break(compile_backend, monkeypatch):
     monkeypatch.setenv('LUMIERE_FAST_BACKEND', 'triton')
@@ -315,6 +356,47 @@ def test_large_gpu(heads, dim_head, c, t):
 
 
 @needs_cuda
+@pytest.mark.parametrize('hw', [8, 16])
+@pytest.mark.parametrize('t', [2, 8, 16, 64])
+def test_real_shapes_bf16_gpu(t, hw):
+    """C = 768 with the modules' 8 heads x 64, B = 2, 8x8 and 16x16 pixels: bf16 forward and the gradients of x and
+    every parameter against the fp32 reference of the same values (TOL[bf16], norm-wise)."""
+    _check(2, t, 768, hw, hw, heads=8, dim_head=64, mem=4, dtype=torch.bfloat16)
+    _check_nonmp(2, t, 768, hw, hw, heads=8, dim_head=64, dtype=torch.bfloat16)
+
+
+@needs_cuda
+def test_large_batch_backward_gpu():
+    """B*H*W*heads = 98,304 programs' worth of (position, head) pairs: forward and backward past 65,535."""
+    b, H, W, heads = 2, 48, 64, 4
+    assert b * H * W * heads > 65_535
+    _check(b, 8, 64, H, W, heads=heads, dim_head=64, dtype=torch.float16)
+    _check_nonmp(b, 8, 64, H, W, heads=heads, dim_head=64, dtype=torch.float16)
+
+
+@needs_cuda
+def test_long_clip_128_dim_head_128_bf16_gpu():
+    """T = 128, d = 128: 32-frame query/key blocks (online softmax forward, long-clip backward)."""
+    _check(1, 128, 256, 4, 4, heads=2, dim_head=128, mem=4, dtype=torch.bfloat16)
+    _check_nonmp(1, 128, 256, 4, 4, heads=2, dim_head=128, dtype=torch.bfloat16)
+
+
+@needs_cuda
+def test_memory_and_input_grads_deterministic_gpu():
+    """The memory keys'/values' grads are per-program partials summed on the host and x's grad has no atomics:
+    bitwise equal across runs (the weight grads' split-K atomics are not, and are not checked here)."""
+    x = _frames(2, 8, 64, 16, 16, torch.float16).requires_grad_(True)
+    ps = [p.requires_grad_(True) for p in _params(64, 4, 32, 4, 1, torch.float16)]
+    g = torch.randn_like(x)
+    grads = []
+    for _ in range(2):
+        with backend.use_backend('triton'):
+            out = att.mp_temporal_attention_block(x, _layers(ps), ps[0], ps[1], batch=2, heads=4)
+        grads.append(torch.autograd.grad(out, [x, ps[4]], g))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@needs_cuda
 def test_tf32_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
     monkeypatch.setitem(TOL, torch.float32, 5e-3)
@@ -331,7 +413,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lumiere_fast.kernels import attention as K
 FLOATS = {'c_out', 'c_res', 'norm_scale', 'sm_scale', 'eps', 'rms_scale', 'rms_eps'}
-F32_BUFFERS = {'dmem_ptr', 'g_ptr'}
+F32_BUFFERS = {'dmem_ptr', 'part_ptr'}
+
+
+def f32_buffers(kernel):
+    # weight_grad_kernel's g_ptr is its fp32 accumulator; elsewhere g_ptr is the RMSNorm gain
+    return F32_BUFFERS | ({'g_ptr'} if kernel.__name__ == 'weight_grad_kernel' else set())
 
 def compile_for_h100(kernel, consts, dt='bf16', warps=4):
     fn = kernel
@@ -339,21 +426,25 @@ def compile_for_h100(kernel, consts, dt='bf16', warps=4):
         fn = fn.fn
     def arg_type(a):
         if a.endswith('_ptr'):
-            return '*fp32' if a in F32_BUFFERS else '*' + dt
+            return '*fp32' if a in f32_buffers(fn.fn) else '*' + dt
         return 'fp32' if a in FLOATS else 'i32'
     sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
 
-compile_for_h100(K.attn_core_kernel, dict(MP=True, HAS_G=False, HAS_MEM=True, PREC='ieee', BLOCK_T=16, BLOCK_D=64,
-                                          BLOCK_CK=32, BLOCK_M=16))
-compile_for_h100(K.attn_core_kernel, dict(MP=False, HAS_G=True, HAS_MEM=False, PREC='tf32', BLOCK_T=128,
-                                          BLOCK_D=128, BLOCK_CK=32, BLOCK_M=16), dt='fp32', warps=8)
+for mp, has_g, has_mem, block_r, block_d, dt, prec, warps in [
+        (True, False, True, 32, 64, 'bf16', 'ieee', 8), (False, True, False, 32, 128, 'fp32', 'tf32', 8)]:
+    meta = dict(MP=mp, HAS_G=has_g, HAS_MEM=has_mem, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_CK=32,
+                BLOCK_M=16)
+    compile_for_h100(K.attn_core_kernel, dict(meta, WRITE_LSE=not mp), dt=dt, warps=warps)
+    if mp:      # (each variant once: ptxas time adds up on CI's CPUs)
+        compile_for_h100(K.attn_core_bwd_kernel, meta, dt=dt, warps=warps)
+    compile_for_h100(K.attn_core_bwd_long_kernel, dict(meta, DKV=mp), dt=dt, warps=warps)
 compile_for_h100(K.linear_mp_add_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee', BLOCK_CI=32,
                                               BLOCK_CO=64, BLOCK_P=64))
-compile_for_h100(K.mp_attn_core_bwd_kernel, dict(HAS_MEM=True, PREC='ieee', BLOCK_T=16, BLOCK_D=64, BLOCK_CK=32,
-                                                 BLOCK_M=16))
 compile_for_h100(K.weight_grad_kernel, dict(PREC='tf32', BLOCK_A=64, BLOCK_B=64, BLOCK_P=32), dt='fp32', warps=8)
+compile_for_h100(K.rms_norm_bwd_kernel, dict(HAS_RES=True, BLOCK_C=64, BLOCK_P=64))
+compile_for_h100(K.channel_sum_kernel, dict(HAS_B=True, BLOCK_C=64, BLOCK_P=64))
 print('compiled')
 '''
 

@@ -20,16 +20,35 @@ In the MP layer softmax(q k^T * scale) v is ``F.scaled_dot_product_attention``: 
 pixel-normed the logits are bounded, so its summation order does not matter (on CPU its fused kernel is 2x
 faster than einsum-softmax-einsum and stores no score tensor for backward).
 
-Triton path (``lumiere_fast.kernels.attention``; notes above the launcher below): the MP block registers
-``lumiere_fast::mp_temporal_attention_block`` (+ ``..._backward``). Current state:
-  * forward: Triton kernels (attention core per (clip, pixel, head) + a projection/MP-add GEMM per layer and for
-    proj_out), reading x through its strides in the (b t) c H W layout: no fold/unfold copies;
-  * backward: Triton kernels for x and every parameter (``_mp_block_backward``): the layer inputs and attention
-    outputs are recomputed by the forward kernels, the attention core's backward recomputes its scores;
-    weight grads are fp32 split-K reductions; only the memory keys/values' pixel-norm backward (an m x d tensor)
-    is a torch op;
-  * dropout > 0 in training takes the reference (supported=False): the kernels have no RNG;
-  * the non-MP block (``temporal_attention_block``) and the single layers are reference-only for now.
+Triton path (``lumiere_fast.kernels.attention``; notes above the launchers below). Both blocks register a
+custom op (``lumiere_fast::mp_temporal_attention_block``, ``lumiere_fast::temporal_attention_block``) and a
+backward op, so ``torch.compile`` sees them as single nodes. Current state:
+  * forward: Triton kernels. Per layer, an attention core kernel per (row tile, head), reading x through its
+    strides in the (b t) c H W layout (no fold/unfold copies), projecting q, k, v in-kernel, fp32 online softmax
+    over the memory keys and key blocks; then a projection GEMM kernel with the residual (MP add or plain), and
+    proj_out (* gain, + bias) with the outer residual. Only o, the attention output ((b t) (h d) H W), goes
+    through memory between the two: no (T x T + m) score tensor exists in memory.
+  * row tiles: a tile of BLOCK_R rows packs BLOCK_R // T whole positions (clip, pixel), block-diagonal mask, so
+    T = 2..16 does not pad each position to tl.dot's 16 rows (32-row tiles on GPU, 16 under the interpreter).
+    T above the row cap (64 frames, 32 for d = 128: the largest tiles ptxas keeps out of spills for the forward)
+    takes one position per tile and loops over key blocks (flash style); k and v are then re-projected per query
+    block (2x for T = 128, d <= 64), the price of not writing q, k, v to memory.
+  * backward: Triton kernels for x and every parameter, both blocks. Layer inputs and o (and, for long clips,
+    the log-sum-exp) are recomputed by the forward kernels; nothing but the op's inputs is saved. The core's
+    backward recomputes scores and probabilities: one kernel when a position fits one tile, a flash-2-style
+    dk/dv + dq pair from the log-sum-exp above the cap. Weight grads: split-K GEMM kernels (one fp32 atomic flush
+    per program tile). Memory key/value grads: one fp32 partial per program (a program walks many tiles of one
+    head), summed on the host: deterministic, no atomics. Non-MP RMSNorm: the core backward emits the q/k/v grads
+    times the row scale, g's grad is a per-channel partial-sum kernel, the input grad an RMSNorm backward kernel;
+    proj_out's bias grad is the same partial-sum kernel. Torch ops remain only on parameter-sized tensors: the MP
+    gain's grad (sum of proj_weight * its c x c grad), the memory keys/values' pixel-norm backward (2 h m d),
+    concatenating wq/wk/wv (3 h d x c), casts and the partials' final sums.
+  * dropout > 0 in training takes the reference (supported=False, warned under a forced triton backend): the
+    kernels have no RNG. Single layers used on their own (``mp_attention_layer``, ``attention_layer``) are
+    reference-only.
+  * known costs: the whole-tile backward holds [T, T] scores and several [T, d] tiles: ptxas reports small spills
+    from 64 x 64 (and 32 x 128) up at 8 warps; the long backward spills ~1-2 KB per thread at 64 x 64. Tile
+    sizes and warps come from ptxas register reports, not from timings (no GPU was available to tune them).
 """
 
 from __future__ import annotations
@@ -176,28 +195,24 @@ def temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Te
 # ------------------------------------------------------------------------------------------ Triton path
 #
 # Kernels: lumiere_fast/kernels/attention.py (imported on first launch). Per layer:
-#   attn_core_kernel (MP=True): one program per (clip, pixel, head) reads its pixel's [T, c] rows straight from the
-#       (b t) c H W tensor (strided), projects q, k, v of its head, pixel-norms them (and the head's memory keys
-#       and values), softmax over m + T keys in fp32 with the memory keys as a separate score block, P @ V; o goes
-#       to a contiguous (b t) (h d) H W buffer.
-#   linear_mp_add_kernel: out-projection + the inner MP residual into a contiguous (b t) c H W buffer.
-# Then proj_out * gain + the outer MP residual with x (the same GEMM kernel). The o buffer is the one round trip
-# the split costs (see the kernel module's docstring for why the layer is not one kernel).
-# Backward (MP, _mp_block_backward): layer inputs and o recomputed by the forward kernels; the core backward
-# (mp_attn_core_bwd_kernel) recomputes q, k, v and the probabilities per (clip, pixel, head) and writes dqkv;
-# the rest are the same GEMM kernel on transposed weight views and split-K weight-grad reductions.
-# Known costs of this first version (correctness and the fold-free layout first):
-#   * tl.dot needs >= 16 rows, so short clips (T < 16) pad the time axis to 16, and each program handles one
-#     pixel; batching BLOCK_N pixels per program (a 3-d dot) is the next step;
-#   * T = 128 with d = 128 holds several [128, 128] fp32 tiles per program: it compiles but spills;
-#   * the memory keys/values' grads are one fp32 atomic flush per (clip, pixel, head) program, spread over
-#     _MEM_GRAD_SLOTS copies of the (2, h, m, d) buffer (summed after) to cut contention; per-tile partial sums
-#     would cut the atomics themselves;
-#   * the non-MP block's backward is a reference recompute (below).
+#   attn_core_kernel: one program per (row tile, head). A row is one (position, frame), position = (clip, pixel);
+#       a tile packs BLOCK_R // T whole positions (block-diagonal mask), so short clips do not pad T up to tl.dot's
+#       16 rows; rows are read straight from the (b t) c H W tensor through its strides. q, k, v of the head are
+#       projected in-kernel (MP: pixel-normed, with the head's memory keys/values; non-MP: RMSNorm folded in),
+#       fp32 online softmax over the memory block and the key blocks, P @ V; o goes to a contiguous
+#       (b t) (h d) H W buffer. T > kernels.ATTN_ROWS_MAX: one position per tile, ATTN_ROWS_MAX-row query and key
+#       blocks (the score tile stays ATTN_ROWS_MAX square; k and v are re-projected per query block).
+#   linear_mp_add_kernel: out-projection + the layer's residual into a contiguous (b t) c H W buffer.
+# Then proj_out (* gain, + bias) + the outer residual with x (the same GEMM kernel). The o buffer is the one round
+# trip the split costs (see the kernel module's docstring for why the layer is not one kernel).
+# Backward (_mp_block_backward, _block_backward): layer inputs and o recomputed by the forward kernels; the core
+# backward (attn_core_bwd_kernel; attn_core_bwd_long_kernel above the row cap) recomputes q, k, v and the
+# probabilities per tile and writes dqkv; the rest are the same GEMM kernel on transposed weight views, split-K
+# weight-grad reductions, the RMSNorm backward kernel and per-channel partial sums.
 
 _MAX_T = 128
 _EPS = 1e-4
-_MEM_GRAD_SLOTS = 512
+_RMS_EPS = 1e-12      # F.normalize's default eps (the non-MP RMSNorm)
 
 
 def _attn_kernels():
@@ -272,6 +287,35 @@ def _weight_grad(kern, a: Tensor, b: Tensor) -> Tensor:
     return g
 
 
+def _channel_sum(kern, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """fp32 [c] = sum over frames and pixels of a (* b) (both (b t) c H W, any strides): per-program partials
+    from the kernel, summed here (deterministic)."""
+    n, c, _, width = a.shape
+    p = a.shape[-2] * a.shape[-1]
+    blk_c, blk_p = kern.CHAN_BLOCKS
+    c_tiles, rows = _cdiv(c, blk_c), n * _cdiv(p, blk_p)
+    rows_per_prog = _cdiv(rows, max(1, min(rows, _target_programs(a) // c_tiles)))
+    splits = _cdiv(rows, rows_per_prog)
+    part = new_output((splits, c), a, torch.float32)
+    bb = b if b is not None else a
+    kern.channel_sum_kernel[grid_1d(splits * c_tiles)](
+        a, *a.stride(), bb, *bb.stride(), part, n, c, p, width, rows_per_prog,
+        HAS_B=b is not None, BLOCK_C=blk_c, BLOCK_P=blk_p)
+    return part.sum(0)
+
+
+def _rms_norm_backward(kern, f: Tensor, s: Tensor, g: Tensor, res: Tensor | None) -> Tensor:
+    """Grad of the RMSNorm pre-norm's input s from f = row scale * grad of the normed rows (contiguous), + res."""
+    n, c, height, width = s.shape
+    p = height * width
+    out = new_output(s.shape, s)
+    blk_c, blk_p = kern.CHAN_BLOCKS
+    kern.rms_norm_bwd_kernel[grid_1d(n * _cdiv(p, blk_p))](
+        f, s, *s.stride(), g, res if res is not None else out, out, n, c, p, width, _RMS_EPS, 1.,
+        HAS_RES=res is not None, BLOCK_C=blk_c, BLOCK_P=blk_p)
+    return out
+
+
 def _pixel_norm_backward(raw: Tensor, dy: Tensor) -> Tensor:
     """Grad of pixel_norm(raw) (eps _EPS) over the last axis, for the tiny (2, h, m, d) memory tensor."""
     scale = sqrt(raw.shape[-1])
@@ -282,37 +326,118 @@ def _pixel_norm_backward(raw: Tensor, dy: Tensor) -> Tensor:
     return dx * (scale / den)
 
 
-def _core_meta(frames: int, c: int, d: int, m: int, x: Tensor) -> dict:
-    return dict(HAS_MEM=m > 0, PREC=dot_precision(x), BLOCK_T=max(16, _pow2(frames)), BLOCK_D=max(16, _pow2(d)),
-                BLOCK_CK=min(32, max(16, _pow2(c))), BLOCK_M=max(16, _pow2(m)), num_warps=4)
+def _row_tiles(kern, frames: int, d: int = 64, whole: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_R, SPAN, POS, QB): rows per tile, frames per position in a tile, positions per tile, time blocks.
+    Up to the row cap (or ``whole``: the backward, which keeps a position in one tile) a tile packs BLOCK_R // T
+    whole positions; longer clips take one position per tile in cap-frame blocks. The cap is ATTN_ROWS_MAX, halved
+    for d = 128: ptxas (sm_90, bf16, 8 warps) fits the forward's [64, 64] and [32, 128] tiles in registers but
+    spills at [64, 128]."""
+    cap = kern.ATTN_ROWS_MAX if d <= 64 else max(16, kern.ATTN_ROWS_MAX // 2)
+    if frames <= cap or whole:
+        block = max(kern.ATTN_ROWS_MIN, _pow2(frames))
+        return block, frames, block // frames, 1
+    return cap, cap, 1, _cdiv(frames, cap)
 
 
-def _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads):
-    """Runs the layers; returns every layer input s_0 = x .. s_depth and every attention output o_l."""
-    n, c, height, width = x.shape
+def _core_args(s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | None, dummy: Tensor) -> list:
+    """Pointer/stride arguments shared by the core kernels: s, the three projection weights (+ the k and v row
+    offsets), the memory keys/values and the RMSNorm gain (dummies where absent)."""
+    wq, wk, wv, row_k0, row_v0 = ws
+    memt = mem if mem is not None else dummy
+    mem_strides = mem.stride() if mem is not None else (0, 0, 0, 0)
+    return [s, *s.stride(), wq, *wq.stride(), wk, *wk.stride(), wv, *wv.stride(), row_k0, row_v0,
+            memt, *mem_strides, g if g is not None else dummy]
+
+
+def _core_meta(x: Tensor, mp: bool, has_g: bool, d: int, m: int, c: int, block_r: int, bwd: bool) -> dict:
+    block_d = max(16, _pow2(d))
+    # 8 warps: ptxas (sm_90, bf16) keeps the forward's [32, 64] .. [64, 64] / [32, 128] tiles and the backward's
+    # [32, 64] tile free of spills at 8 warps, not at 4; 16 warps caps registers at 128/thread and spills more
+    warps = 8 if bwd or block_r * block_d >= 32 * 64 else 4
+    return dict(MP=mp, HAS_G=has_g, HAS_MEM=m > 0, PREC=dot_precision(x), BLOCK_R=block_r, BLOCK_D=block_d,
+                BLOCK_CK=min(32, max(16, _pow2(c))), BLOCK_M=max(16, _pow2(m)), num_warps=warps)
+
+
+def _core_scalars(c: int, d: int) -> tuple:
+    """norm_scale, sm_scale, eps, rms_scale, rms_eps"""
+    return sqrt(d), d ** -0.5, _EPS, sqrt(c), _RMS_EPS
+
+
+def _core_forward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | None, batch: int, heads: int,
+                  d: int, mp: bool, want_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """o (b t) (h d) H W = attention of every position's frames (ws: wq, wk, wv, row_k0, row_v0), and with
+    ``want_lse`` (the backward's recompute, clips longer than one tile) the rows' log-sum-exp (b t) h H W fp32."""
+    n, c, height, width = s.shape
     frames, p = n // batch, height * width
+    m = mem.shape[2] if mem is not None else 0
+    o = new_output((n, heads * d, height, width), s)
+    block_r, span, pos, qb = _row_tiles(kern, frames, d)
+    want_lse = want_lse and qb > 1
+    lse = new_output((n, heads, height, width), s, torch.float32) if want_lse else None
+    n_pos = batch * p
+    kern.attn_core_kernel[grid_1d(_cdiv(n_pos, pos) * qb * heads)](
+        *_core_args(s, ws, mem, g, o), o, lse if want_lse else o, frames, c, p, width, heads, d, m, n_pos, span,
+        pos, qb, *_core_scalars(c, d), WRITE_LSE=want_lse,
+        **_core_meta(s, mp, g is not None, d, m, c, block_r, False))
+    return o, lse
+
+
+def _core_backward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | None, do: Tensor, batch: int,
+                   heads: int, d: int, mp: bool, o: Tensor, lse: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(dqkv (b t) (3 h d) H W, fp32 grads of the normalised memory (2, h, m, d) or None). Programs walk GROUPS
+    tiles of one head each (enough programs to fill the GPU, few under the interpreter) and write one memory-grad
+    partial per program, summed here. Clips that fit one tile: attn_core_bwd_kernel, scores recomputed; longer
+    clips (``lse`` given by the forward recompute): attn_core_bwd_long_kernel, a dk/dv launch and a dq launch."""
+    n, c, height, width = s.shape
+    frames, p = n // batch, height * width
+    m = mem.shape[2] if mem is not None else 0
+    long = lse is not None
+    block_r, span, pos, qb = _row_tiles(kern, frames, d, whole=not long)
+    n_pos = batch * p
+    items = _cdiv(n_pos, pos) * qb
+    per_head = 4 * _target_programs(s) if s.is_cuda else _target_programs(s)
+    groups = _cdiv(items, max(1, min(items, per_head // heads)))
+    chunks = _cdiv(items, groups)
+    dqkv = new_output((n, 3 * heads * d, height, width), s)
+    dmem = new_output((chunks, 2, heads, m, d), s, torch.float32) if m else dqkv
+    meta = _core_meta(s, mp, g is not None, d, m, c, block_r, True)
+    args = _core_args(s, ws, mem, g, dqkv)
+    scalars = _core_scalars(c, d)
+    if long:
+        # dk, dv: one (position, key block) per program (no memory partials to amortise)
+        kern.attn_core_bwd_long_kernel[grid_1d(items * heads)](
+            *args, do, o, lse, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, span, qb, 1, *scalars,
+            DKV=True, **meta)
+        kern.attn_core_bwd_long_kernel[grid_1d(chunks * heads)](
+            *args, do, o, lse, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, span, qb, groups, *scalars,
+            DKV=False, **meta)
+    else:
+        kern.attn_core_bwd_kernel[grid_1d(chunks * heads)](
+            *args, do, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, pos, groups, *scalars, **meta)
+    return dqkv, (dmem.sum(0) if m else None)
+
+
+def _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads, want_lse=False):
+    """Runs the layers; returns every layer input s_0 = x .. s_depth, every attention output o_l and (with
+    ``want_lse``, for clips longer than one tile) its log-sum-exp."""
     a, b = _mp_add_coeffs(MP_ATTN_ADD_T)
-    ss, os_ = [x], []
+    ss, os_, lses = [x], [], []
     for qkv_weight, out_weight, mem_kv in zip(qkv, outw, mem):
         s = ss[-1]
         hd = qkv_weight.shape[0] // 3
-        d, m = hd // heads, mem_kv.shape[2]
-        o = new_output((n, hd, height, width), x)
-        w = (qkv_weight, qkv_weight.stride(0), qkv_weight.stride(1))
-        kern.attn_core_kernel[grid_1d(batch * p * heads)](
-            s, *s.stride(), *w, *w, *w, hd, 2 * hd, mem_kv, *mem_kv.stride(), o, o,
-            frames, c, p, width, heads, d, m, sqrt(d), d ** -0.5, _EPS, 1., 1.,
-            MP=True, HAS_G=False, **_core_meta(frames, c, d, m, x))
+        o, lse = _core_forward(kern, s, (qkv_weight, qkv_weight, qkv_weight, hd, 2 * hd),
+                               mem_kv if mem_kv.shape[2] else None, None, batch, heads, hd // heads, True, want_lse)
         os_.append(o)
+        lses.append(lse)
         ss.append(_linear_mp_add(kern, o, out_weight, s, None, a, b))
-    return ss, os_
+    return ss, os_, lses
 
 
 def _mp_block_forward(x: Tensor, qkv: list[Tensor], outw: list[Tensor], mem: list[Tensor], proj_weight: Tensor,
                       gain: Tensor, batch: int, heads: int, mp_add_t: float) -> Tensor:
     kern = _attn_kernels()
     with _device_ctx(x):
-        ss, _ = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads)
+        ss, _, _ = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads)
         return _linear_mp_add(kern, ss[-1], proj_weight, x, gain.reshape(1), *_mp_add_coeffs(mp_add_t))
 
 
@@ -321,17 +446,15 @@ def _mp_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Te
     """Grads of (x, proj_weight, gain, *qkv, *outw, *mem). The layers' inputs and attention outputs are recomputed
     with the forward kernels (nothing but the op's inputs is saved), then walked back:
       outer:  dS = c_out * gain * P^T g (linear kernel on the transposed view), dP, dgain from G = sum g (x) s;
-      layer:  do = a Wo^T dS;  dWo = a sum dS (x) o;  core backward kernel -> dqkv (+ memory grads, atomics);
+      layer:  do = a Wo^T dS;  dWo = a sum dS (x) o;  core backward kernel -> dqkv (+ memory-grad partials);
               dWqkv = sum dqkv (x) s;  dS_prev = Wqkv^T dqkv + b dS.
     Weight grads are fp32 split-K reductions (weight_grad_kernel), cast to the parameter dtype at the end; the
-    memory keys/values' pixel-norm backward is an m x d torch op on the host."""
+    gain's grad (sum of P * G, c x c) and the memory keys/values' pixel-norm backward (m x d) are torch ops."""
     kern = _attn_kernels()
-    n, c, height, width = x.shape
-    frames, p = n // batch, height * width
     c_out, c_res = _mp_add_coeffs(mp_add_t)
     a, b = _mp_add_coeffs(MP_ATTN_ADD_T)
     with _device_ctx(x):
-        ss, os_ = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads)
+        ss, os_, lses = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads, want_lse=True)
         gs = _weight_grad(kern, grad, ss[-1])
         d_proj = (gs * (c_out * gain.float())).to(proj_weight.dtype)
         d_gain = ((proj_weight.float() * gs).sum() * c_out).reshape(gain.shape).to(gain.dtype)
@@ -340,19 +463,16 @@ def _mp_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Te
         for i in reversed(range(len(qkv))):
             qkv_weight, out_weight, mem_kv, s = qkv[i], outw[i], mem[i], ss[i]
             hd = qkv_weight.shape[0] // 3
-            d, m = hd // heads, mem_kv.shape[2]
+            m = mem_kv.shape[2]
             do = _linear_mp_add(kern, ds, out_weight.t(), None, None, a)
             d_out[i] = (_weight_grad(kern, ds, os_[i]) * a).to(out_weight.dtype)
-            dqkv = new_output((n, 3 * hd, height, width), x)
-            slots = min(_MEM_GRAD_SLOTS if x.is_cuda else 3, batch * p)      # 3: the tests exercise slots
-            dmem = torch.zeros((slots, *mem_kv.shape), dtype=torch.float32, device=x.device)
-            kern.mp_attn_core_bwd_kernel[grid_1d(batch * p * heads)](
-                s, *s.stride(), qkv_weight, qkv_weight.stride(0), qkv_weight.stride(1),
-                mem_kv, *mem_kv.stride(), do, dqkv, dmem,
-                frames, c, p, width, heads, d, m, sqrt(d), d ** -0.5, _EPS, slots, **_core_meta(frames, c, d, m, x))
+            dqkv, dmem = _core_backward(kern, s, (qkv_weight, qkv_weight, qkv_weight, hd, 2 * hd),
+                                        mem_kv if m else None, None, do, batch, heads, hd // heads, True, os_[i],
+                                        lses[i])
             d_qkv[i] = _weight_grad(kern, dqkv, s).to(qkv_weight.dtype)
             ds = _linear_mp_add(kern, dqkv, qkv_weight.t(), ds, None, 1., b)
-            d_mem[i] = _pixel_norm_backward(mem_kv.float(), dmem.sum(0)).to(mem_kv.dtype)
+            d_mem[i] = (_pixel_norm_backward(mem_kv.float(), dmem).to(mem_kv.dtype) if m else
+                        torch.zeros_like(mem_kv))
         d_x = ds + grad * c_res
     return [d_x, d_proj, d_gain, *d_qkv, *d_out, *d_mem]
 
@@ -401,9 +521,7 @@ def _mp_autograd_backward(ctx, grad):
 _mp_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
 
 
-# --- non-MP (x-transformers) block: forward kernels, backward by a reference recompute (current state)
-
-_RMS_EPS = 1e-12      # F.normalize's default eps (the RMSNorm)
+# --- non-MP (x-transformers) block: forward and backward kernels
 
 
 def _layer_shapes_ok(c: int, heads: int, layers) -> bool:
@@ -419,23 +537,72 @@ def _layer_shapes_ok(c: int, heads: int, layers) -> bool:
     return True
 
 
+def _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn, want_lse=False):
+    """Runs the layers; returns every layer input s_0 = x .. s_depth, every attention output o_l and (with
+    ``want_lse``, for clips longer than one tile) its log-sum-exp."""
+    ss, os_, lses = [x], [], []
+    for g, wq, wk, wv, wo in zip(gs, wqs, wks, wvs, wos):
+        s = ss[-1]
+        o, lse = _core_forward(kern, s, (wq, wk, wv, 0, 0), None, g if prenorm else None, batch, heads,
+                               wq.shape[0] // heads, False, want_lse)
+        os_.append(o)
+        lses.append(lse)
+        # heads=1 without an output projection runs wo = identity through the same GEMM (c x c, small)
+        ss.append(_linear_mp_add(kern, o, wo, s if residual_attn else None, None, 1., 1.))
+    return ss, os_, lses
+
+
 def _block_forward(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
     kern = _attn_kernels()
-    n, c, height, width = x.shape
-    frames, p = n // batch, height * width
-    s = x
     with _device_ctx(x):
-        for g, wq, wk, wv, wo in zip(gs, wqs, wks, wvs, wos):
+        ss, _, _ = _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn)
+        return _linear_mp_add(kern, ss[-1], proj_weight, x, None, 1., 1., bias=proj_bias)
+
+
+def _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
+                    residual_attn) -> list[Tensor]:
+    """Grads of (x, proj_weight, proj_bias, *gs, *wqs, *wks, *wvs, *wos). Layer inputs and attention outputs are
+    recomputed by the forward kernels, then walked back:
+      outer:  dP = sum g (x) s_L;  db = sum g per channel;  dS = P^T g;
+      layer:  do = Wo^T dS;  dWo = sum dS (x) o;  core backward -> dqkv (times the RMSNorm row scale
+              inv = sqrt(c) / max(|s|, eps), so the pre-norm's rows never go to memory);
+              dW_{q,k,v} = (sum dqkv (x) s) * g (g scales the normed rows' channels);
+              f = [Wq; Wk; Wv]^T dqkv (= inv * grad of the normed rows);  dg = sum f * s per channel;
+              dS_prev = RMSNorm backward of (f * g) (+ dS with the residual).
+      Without a pre-norm dS_prev = [Wq; Wk; Wv]^T dqkv (+ dS) in one GEMM call.
+    Weight grads are fp32 split-K reductions, g's and the bias's fp32 per-channel partial sums."""
+    kern = _attn_kernels()
+    depth = len(wqs)
+    with _device_ctx(x):
+        ss, os_, lses = _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn,
+                                        want_lse=True)
+        d_proj = _weight_grad(kern, grad, ss[-1]).to(proj_weight.dtype)
+        d_bias = _channel_sum(kern, grad).to(proj_bias.dtype)
+        ds = _linear_mp_add(kern, grad, proj_weight.t(), None, None, 1.)
+        d_g, d_q, d_k, d_v, d_o = ([None] * depth for _ in range(5))
+        for i in reversed(range(depth)):
+            g, wq, wk, wv, wo, s = gs[i], wqs[i], wks[i], wvs[i], wos[i], ss[i]
             hd = wq.shape[0]
-            d = hd // heads
-            o = new_output((n, hd, height, width), x)
-            kern.attn_core_kernel[grid_1d(batch * p * heads)](
-                s, *s.stride(), wq, *wq.stride(), wk, *wk.stride(), wv, *wv.stride(), 0, 0, o, 0, 0, 0, 0, g, o,
-                frames, c, p, width, heads, d, 0, 1., d ** -0.5, 1., sqrt(c), _RMS_EPS,
-                MP=False, HAS_G=prenorm, **dict(_core_meta(frames, c, d, 0, x), HAS_MEM=False))
-            # heads=1 without an output projection runs wo = identity through the same GEMM (c x c, small)
-            s = _linear_mp_add(kern, o, wo, s if residual_attn else None, None, 1., 1.)
-        return _linear_mp_add(kern, s, proj_weight, x, None, 1., 1., bias=proj_bias)
+            do = _linear_mp_add(kern, ds, wo.t(), None, None, 1.)
+            d_o[i] = _weight_grad(kern, ds, os_[i]).to(wo.dtype)
+            dqkv, _ = _core_backward(kern, s, (wq, wk, wv, 0, 0), None, g if prenorm else None, do, batch, heads,
+                                     hd // heads, False, os_[i], lses[i])
+            dw = _weight_grad(kern, dqkv, s)
+            if prenorm:
+                dw = dw * g.float()
+            # copies: a custom op's outputs may not alias each other (split returns views)
+            d_q[i], d_k[i], d_v[i] = (w.to(wq.dtype, copy=True) for w in dw.split(hd))
+            wcat = torch.cat((wq, wk, wv))      # (3 h d, c), tiny: one W^T GEMM for the three grads
+            res = ds if residual_attn else None
+            if prenorm:
+                f = _linear_mp_add(kern, dqkv, wcat.t(), None, None, 1.)
+                d_g[i] = _channel_sum(kern, f, s).to(g.dtype)
+                ds = _rms_norm_backward(kern, f, s, g, res)
+            else:
+                d_g[i] = torch.zeros_like(g)
+                ds = _linear_mp_add(kern, dqkv, wcat.t(), res, None, 1., 1.)
+        d_x = ds + grad
+    return [d_x, d_proj, d_bias, *d_g, *d_q, *d_k, *d_v, *d_o]
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_attention_block', mutates_args=())
@@ -450,6 +617,19 @@ def _(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, 
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op(f'{NAMESPACE}::temporal_attention_block_backward', mutates_args=())
+def _block_backward_op(grad: Tensor, x: Tensor, gs: list[Tensor], wqs: list[Tensor], wks: list[Tensor],
+                       wvs: list[Tensor], wos: list[Tensor], proj_weight: Tensor, proj_bias: Tensor, batch: int,
+                       heads: int, prenorm: bool, residual_attn: bool) -> list[Tensor]:
+    return _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
+                           residual_attn)
+
+
+@_block_backward_op.register_fake
+def _(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
+    return [torch.empty_like(t) for t in (x, proj_weight, proj_bias, *gs, *wqs, *wks, *wvs, *wos)]
+
+
 def _block_setup_context(ctx, inputs, output):
     x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn = inputs
     ctx.save_for_backward(x, proj_weight, proj_bias, *gs, *wqs, *wks, *wvs, *wos)
@@ -457,20 +637,13 @@ def _block_setup_context(ctx, inputs, output):
 
 
 def _block_autograd_backward(ctx, grad):
-    """Current state: the reference's autograd, recomputed from the saved inputs (no Triton backward kernels yet).
-    It runs here, in the autograd backward, not inside a custom op: a custom op's body runs below the autograd
-    dispatch key, where the reference could not build its graph."""
     saved, depth = ctx.saved_tensors, ctx.depth
-    leaves = [t.detach().requires_grad_(True) for t in saved]
-    x, pw, pb = leaves[:3]
-    gs, wqs, wks, wvs, wos = (leaves[3 + i * depth:3 + (i + 1) * depth] for i in range(5))
-    layers = [(g if ctx.prenorm else None, wq, wk, wv, wo) for g, wq, wk, wv, wo in zip(gs, wqs, wks, wvs, wos)]
-    with torch.enable_grad():
-        y = temporal_attention_block_ref(x, layers, pw, pb, ctx.batch, ctx.heads, 0., False, ctx.residual_attn)
-        grads = torch.autograd.grad(y, leaves, grad, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    lists = [grads[3 + i * depth:3 + (i + 1) * depth] for i in range(5)]
-    return (grads[0], *lists, grads[1], grads[2], None, None, None, None)
+    x, pw, pb = saved[:3]
+    gs, wqs, wks, wvs, wos = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(5))
+    g = _block_backward_op(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads, ctx.prenorm,
+                           ctx.residual_attn)
+    lists = [list(g[3 + i * depth:3 + (i + 1) * depth]) for i in range(5)]
+    return (g[0], *lists, g[1], g[2], None, None, None, None)
 
 
 _block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
