@@ -79,8 +79,8 @@ def triton_runnable(device: torch.device) -> bool:
 
 @contextmanager
 def record_choices():
-    """``with record_choices() as seen: ...`` collects ``{op: {'triton' | 'reference', ...}}``: what each op call
-    in the block really ran (thread-local; nests)."""
+    """``with record_choices() as seen: ...`` collects ``{op: {'triton' | 'reference' | 'native', ...}}``: what
+    each op call in the block really ran (thread-local; nests)."""
     stack = getattr(_local, 'recorders', None)
     if stack is None:
         stack = _local.recorders = []
@@ -92,11 +92,17 @@ def record_choices():
         del stack[next(i for i, r in enumerate(stack) if r is seen)]     # by identity: equal dicts may nest
 
 
+def record(op: str, choice: str) -> None:
+    """Note in every active :func:`record_choices` that ``op`` ran ``choice`` (``'triton'``, ``'reference'``, or
+    ``'native'`` for an op with a C++/CUDA extension, which decides that itself)."""
+    for seen in getattr(_local, 'recorders', ()):
+        seen.setdefault(op, set()).add(choice)
+
+
 def choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
     """Return ``'triton'`` or ``'reference'`` for one call of ``op`` on ``tensor`` (and record it)."""
     choice = _choose(op, tensor, has_triton)
-    for seen in getattr(_local, 'recorders', ()):
-        seen.setdefault(op, set()).add(choice)
+    record(op, choice)
     return choice
 
 

@@ -238,13 +238,6 @@ def _native_supported(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return False
 
 
-def _record(choice: str):
-    # backend.choose only knows 'triton' | 'reference'; record 'native' into the same record_choices() sets
-    # (backend.py should grow a public record(op, choice) for this)
-    for seen in getattr(backend._local, 'recorders', ()):
-        seen.setdefault(OP, set()).add(choice)
-
-
 def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _force_native is False or backend.get_backend() == 'reference':
         return False
@@ -260,7 +253,7 @@ def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int | None = None) -> Tensor:
     _check(x, weight, bias, batch)
     if _use_native(x, weight, bias):
-        _record('native')
+        backend.record(OP, 'native')
         return torch.ops.lumiere_fast_ext.temporal_conv1d(x, weight, bias, batch if x.ndim == 4 else 0)
     backend.choose(OP, x, has_triton=False)
     return temporal_conv1d_ref(x, weight, bias, batch)
