@@ -71,6 +71,9 @@ def test_forced_triton_without_a_kernel_warns_once(monkeypatch):
 
 
 def test_forced_triton_that_cannot_run_here_warns(monkeypatch):
+    # triton reads TRITON_INTERPRET when first imported: import it before the variable goes, or kernels used by
+    # later tests in this process would be built for a GPU (this file alone would then fail)
+    backend.triton_available()
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     backend._warned.discard('some_op')
     with backend.use_backend('triton'), pytest.warns(RuntimeWarning, match='Triton cannot run here'):
