@@ -8,8 +8,8 @@ impl (schema: /benchmarks, extra_info['impl']):
   cudnn_conv1d             F.conv1d on an already folded tensor (fold time excluded)
   gemm_cublas              (CUDA) torch.mm of the same M/N/K: M = c_out, N = b*t*h*w, K = c_in*k, the speed of
                            light the issue holds ours to (within 1.5x)
-There is no standalone Triton conv1d: the Triton conv-block and resample kernels fuse this conv with their
-neighbours, so they are benchmarked as blocks (bench_blocks.py).
+  triton                   (CUDA) ops.temporal_conv1d under the triton backend: the conv block's implicit-GEMM
+                           conv kernel launched on its own (the path CUDA users get without the extension)
 phase: 'fwd' (forward) and 'fwd+bwd' (forward + backward of x, weight, bias).
 
 CUDA: bf16, C in {192, 384, 768} at 64x64/32x32/16x16/8x8 (the conv levels of the Triton issue), B=2, T=16.
@@ -44,7 +44,7 @@ SHAPES = {   # (batch, frames, channels, height = width)
     'cuda': [(2, 16, c, hw) for c in (192, 384, 768) for hw in (64, 32, 16, 8)],
 }
 CASES = [(d, *s) for d in ('cpu', 'cuda') for s in SHAPES[d]]
-IMPLS = ['lumiere_fast', 'reference', 'cudnn_conv1d_with_fold', 'cudnn_conv1d', 'gemm_cublas']
+IMPLS = ['lumiere_fast', 'triton', 'reference', 'cudnn_conv1d_with_fold', 'cudnn_conv1d', 'gemm_cublas']
 PHASES = ['fwd', 'fwd+bwd']
 
 
@@ -84,6 +84,12 @@ def impl_fn(impl, phase, x, w, bias, b):
         fwd = lambda: unfold(F.conv1d(fold(x, b), w, bias, padding=K // 2), b, hw, hw)  # noqa: E731
     elif impl == 'reference':
         fwd = lambda: temporal_conv1d_ref(x, w, bias, b)  # noqa: E731
+    elif impl == 'triton':
+        if not x.is_cuda:
+            return None         # the interpreter on CPU: a correctness tool, not a timing
+        def fwd():
+            with backend.use_backend('triton'):
+                return temporal_conv1d(x, w, bias, batch=b)
     else:
         def fwd():
             forced, tc._force_native = tc._force_native, True
@@ -115,10 +121,10 @@ def bench_conv1d(benchmark, impl, phase, device_name, b, t, c, hw):
     fn = impl_fn(impl, phase, x, w, bias, b)
     if fn is None:
         pytest.skip(f'{impl} has no {phase} on {device.type}')
-    if impl == 'lumiere_fast':
+    if impl in ('lumiere_fast', 'triton'):
         with backend.record_choices() as seen:
             fn()
-        assert seen['temporal_conv1d'] == {'native'}
+        assert seen['temporal_conv1d'] == {'native' if impl == 'lumiere_fast' else 'triton'}
     shape = f'B={b} T={t} C={c} {hw}x{hw} k={K}'
     benchmark.group = f'temporal_conv1d {phase} {device.type} {str(dtype)[6:]} {shape}'
     benchmark.extra_info.update(impl=impl, dtype=str(dtype)[6:], shape=shape,
@@ -145,7 +151,7 @@ def main():
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     torch.manual_seed(0)
     print(extension_status())
-    impls = [i for i in IMPLS if not (i == 'gemm_cublas' and device.type != 'cuda')]
+    impls = [i for i in IMPLS if not (i in ('gemm_cublas', 'triton') and device.type != 'cuda')]
     print(f'{args.phase} {dtype}: median ms (ratio = baseline / lumiere_fast, > 1: ours faster)')
     print('shape'.ljust(28) + ''.join(i.rjust(24) for i in impls))
     for b, t, c, hw in SHAPES[device.type]:

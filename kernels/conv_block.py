@@ -48,7 +48,7 @@ SPLIT_BLOCK_C = 16 if INTERPRET else 64
 WGRAD_BLOCKS = (16, 16, 16) if INTERPRET else (64, 64, 32)
 WGRAD_WARPS = 4 if INTERPRET else 8
 
-EPI_NONE, EPI_MP_SILU, EPI_MP_OUT, EPI_BIAS_RESIDUAL = 0, 1, 2, 3
+EPI_NONE, EPI_MP_SILU, EPI_MP_OUT, EPI_BIAS_RESIDUAL, EPI_BIAS = 0, 1, 2, 3, 4
 
 
 def _configs(options, interpret_option):
@@ -181,6 +181,8 @@ def conv_epilogue_kernel(
         res = tl.load(_tile_ptrs(r_ptr, n, sr_n, sr_c, co, _pixel_offsets(p, W, sr_h, sr_w)), mask=mask, other=0.)
         bias = tl.load(bias_ptr + co, mask=co_mask, other=0.).to(tl.float32)
         acc = acc + bias[:, None] + res.to(tl.float32)
+    elif EPI == 4:
+        acc = acc + tl.load(bias_ptr + co, mask=co_mask, other=0.).to(tl.float32)[:, None]
     out_ptrs = _tile_ptrs(out_ptr, n, so_n, so_c, co, _pixel_offsets(p, W, so_h, so_w))
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

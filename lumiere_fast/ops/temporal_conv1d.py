@@ -25,10 +25,11 @@ Dispatch (``temporal_conv1d``; ``extension_status()`` says which builds loaded a
   layout (b t) c h w with h*w >= 256 (``_cpu_native_wins`` has the numbers). The (n, c, t) layout has no
   contiguous pixel axis to vectorise over, so it stays on the reference (mkldnn). fp16/bf16 on CPU take the
   reference (the extension has no upcasting path).
-* anything else: the reference. Backends ``auto`` and ``triton`` follow the same rules (the native op is this
-  op's kernel); where ``triton`` is forced and the reference runs, ``backend.choose`` warns once that the op has
-  no Triton kernel (the fused conv-block and resample kernels cover the model's own uses of this conv).
-``backend.record_choices()`` records 'native' or 'reference' for each call.
+* otherwise, the frames layout: the Triton kernel for CUDA tensors (e.g. where the CUDA extension is not built)
+  and under the forced ``triton`` backend (which skips the extension); the (n, c, t) layout: the reference (a
+  forced ``triton`` backend warns once that no kernel handles it). The Triton path is the conv block's
+  implicit-GEMM temporal conv launched on its own (see the section below).
+``backend.record_choices()`` records 'native', 'triton' or 'reference' for each call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
+from ._triton import NAMESPACE, new_output, use_triton
 
 OP = 'temporal_conv1d'
 
@@ -241,6 +243,8 @@ def _native_supported(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _force_native is False or backend.get_backend() == 'reference':
         return False
+    if backend.get_backend() == 'triton' and not _force_native:
+        return False         # a forced Triton backend runs the Triton kernel, not the extension
     if not _native_supported(x, weight, bias):
         return False
     if _force_native:
@@ -250,10 +254,85 @@ def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return x.ndim == 4 and (x.is_cuda or _cpu_native_wins(x))
 
 
+# ------------------------------------------------------------------------------------------ Triton path
+#
+# The conv block's implicit-GEMM temporal conv (lumiere_fast/kernels/conv_block.py), launched on its own: the
+# forward is conv_epilogue_kernel with the plain (EPI_NONE) or bias (EPI_BIAS) epilogue, grad input the same
+# kernel on grad_out with the flipped, transposed weight, grad weight (and bias) weight_grad_kernel (split-K, fp32
+# atomics). Frames layout only, read and written through strides (no fold copy). It serves CUDA tensors when the
+# CUDA extension is not built, and the forced ``triton`` backend.
+
+def _conv_launchers():
+    from . import conv_block      # imported here: conv_block imports this module's layout helpers
+    return conv_block
+
+
+def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
+    cb = _conv_launchers()
+    kern = cb._kernels()
+    out = new_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
+    with cb._device(x):
+        return cb._conv(kern, x, weight, out, x.shape[0] // batch, kern.EPI_BIAS if bias is not None else kern.EPI_NONE,
+                        bias=bias)
+
+
+def _triton_backward(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool):
+    cb = _conv_launchers()
+    kern = cb._kernels()
+    frames = x.shape[0] // batch
+    grad_x = new_output(x.shape, x)
+    with cb._device(x):
+        cb._conv(kern, grad, cb._flipped(weight), grad_x, frames, kern.EPI_NONE)
+        grad_w, grad_b = cb._weight_grad(kern, grad, x, frames, weight.shape[-1], with_bias)
+    return grad_x, grad_w.to(weight.dtype), (grad_b.to(weight.dtype) if with_bias else None)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d', mutates_args=())
+def _triton_op(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
+    return _triton_forward(x, weight, bias, batch)
+
+
+@_triton_op.register_fake
+def _(x, weight, bias, batch):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d_backward', mutates_args=())
+def _triton_backward_op(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_w, grad_b = _triton_backward(grad, x, weight, batch, with_bias)
+    return grad_x, grad_w, grad_b if grad_b is not None else weight.new_zeros(weight.shape[0])
+
+
+@_triton_backward_op.register_fake
+def _(grad, x, weight, batch, with_bias):
+    return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _triton_setup_context(ctx, inputs, output):
+    x, weight, bias, batch = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.batch, ctx.has_bias = batch, bias is not None
+
+
+def _triton_autograd_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _triton_backward_op(grad, x, weight, ctx.batch, ctx.has_bias)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+
+
+_triton_op.register_autograd(_triton_autograd_backward, setup_context=_triton_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
 def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int | None = None) -> Tensor:
     _check(x, weight, bias, batch)
     if _use_native(x, weight, bias):
         backend.record(OP, 'native')
         return torch.ops.lumiere_fast_ext.temporal_conv1d(x, weight, bias, batch if x.ndim == 4 else 0)
-    backend.choose(OP, x, has_triton=False)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    supported = x.ndim == 4 and x.numel() > 0 and all(t.dtype == x.dtype for t in tensors)
+    if use_triton(OP, *tensors, supported=supported):
+        return _triton_op(x, weight, bias, batch)
     return temporal_conv1d_ref(x, weight, bias, batch)
