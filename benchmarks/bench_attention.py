@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (compile_fresh, compiled_or_skip, describe, device_or_skip, record_rates, rounds,
-                      run_benchmark, upstream_or_skip)
+from conftest import (compile_fresh, compiled_or_skip, describe, device_or_skip, frames_module_steps, record_rates,
+                      rounds, run_benchmark, upstream_or_skip)
 
 BLOCKS = ['MPAttentionInflationBlock', 'AttentionInflationBlock']
 IMPLS = ['lumiere_fast', 'upstream', 'upstream_compiled', 'sdpa']
@@ -101,19 +101,8 @@ def bench_attention(benchmark, device_rates, impl, phase, block, device_name, c,
     benchmark.group = f'{block} {phase} {device_name} {str(dtype)[6:]} C={c} {hw}x{hw} T={t} B={b}'
     describe(benchmark, device, dtype, f'C={c} {hw}x{hw} T={t} B={b}', impl)
 
-    def make_inputs():
-        return (x0.clone().requires_grad_(train),)
-
-    def forward(x):
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
-            return run(x)
-
-    def forward_backward(x):
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
-            out = run(x)
-        out.float().square().mean().backward()
-
-    run_benchmark(benchmark, forward_backward if train else forward, make_inputs, device,
+    step, make_inputs, forward = frames_module_steps(run, x0, device, dtype, train)
+    run_benchmark(benchmark, step, make_inputs, device,
                   n_rounds=rounds(50, 10, device), warmup=2)
     flops = attention_flops(b * hw * hw, t, c, *_dims(block, c))
     record_rates(benchmark, device_rates(device), nbytes=(5 if train else 2) * x0.nbytes,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (DEVICES, compile_fresh, compiled_or_skip, describe, device_or_skip, median_of, median_seconds,
-                      record_rates, rounds, run_benchmark, upstream_or_skip)
+from conftest import (DEVICES, compile_fresh, compiled_or_skip, describe, device_or_skip, frames_module_steps,
+                      median_of, median_seconds, record_rates, rounds, run_benchmark, upstream_or_skip)
 
 BLOCKS = ['MPConvolutionInflationBlock', 'ConvolutionInflationBlock', 'MPTemporalDownsample', 'MPTemporalUpsample',
           'TemporalDownsample', 'TemporalUpsample']
@@ -91,19 +91,8 @@ def bench_block(benchmark, cublas_tflops, device_rates, impl, phase, device_name
     benchmark.group = f'{block} {phase} {device_name} {str(dtype)[6:]} C={c} {hw}x{hw} B={b} T={t}'
     describe(benchmark, device, dtype, f'C={c} {hw}x{hw} B={b} T={t}', impl)
 
-    def make_inputs():
-        return (x0.clone().requires_grad_(train),)
-
-    def forward(x):
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
-            return run(x)
-
-    def forward_backward(x):
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
-            out = run(x)
-        out.float().square().mean().backward()
-
-    run_benchmark(benchmark, forward_backward if train else forward, make_inputs, device,
+    step, make_inputs, forward = frames_module_steps(run, x0, device, dtype, train)
+    run_benchmark(benchmark, step, make_inputs, device,
                   n_rounds=rounds(50, 10, device), warmup=2)
 
     with torch.no_grad():

@@ -151,6 +151,27 @@ def run_benchmark(benchmark, step: Callable, make_inputs: Callable[[], Sequence]
     return first
 
 
+def frames_module_steps(run, x0: torch.Tensor, device: torch.device, dtype: torch.dtype, train: bool):
+    """(step, make_inputs, forward) for a temporal module on frames like ``x0``: the timed step is the eval
+    forward under no_grad, or (``train``) forward + backward of a scalar loss; bf16 autocast on CUDA. Each call
+    gets a fresh copy of x0 from ``make_inputs`` (the ring of run_benchmark)."""
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=device.type == 'cuda')
+
+    def make_inputs():
+        return (x0.clone().requires_grad_(train),)
+
+    def forward(x):
+        with torch.no_grad(), torch.autocast(**autocast):
+            return run(x)
+
+    def forward_backward(x):
+        with torch.autocast(**autocast):
+            out = run(x)
+        out.float().square().mean().backward()
+
+    return (forward_backward if train else forward), make_inputs, forward
+
+
 def median_of(benchmark) -> float | None:
     """The one median of a finished case: CUDA events where recorded, else pytest-benchmark's."""
     if 'median_s' in benchmark.extra_info:
