@@ -161,6 +161,17 @@ def _rms_inv(s_ptr, row_off, ss_c, valid, C, rms_scale, rms_eps, HAS_G: tl.const
 
 
 @triton.jit
+def _head_program(HEADS, D, M, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The backward kernels' program -> (head, chunk of work items) with the head fastest, plus the head-dim
+    lanes and the memory-row mask: (head, chunk, d, d_mask, mi, mem_mask [BLOCK_M, BLOCK_D])."""
+    pid = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    mi = tl.arange(0, BLOCK_M)
+    return pid % HEADS, pid // HEADS, d, d_mask, mi, (mi < M)[:, None] & d_mask[None, :]
+
+
+@triton.jit
 def _mem_kv(mem_ptr, sm_kv, sm_h, sm_m, sm_d, head, d, d_mask, M, eps, norm_scale, BLOCK_M: tl.constexpr):
     """The head's pixel-normed memory keys and values, [BLOCK_M, BLOCK_D] each (rows past M are zero)."""
     mi = tl.arange(0, BLOCK_M)
@@ -328,16 +339,10 @@ def attn_core_bwd_kernel(
     and pre-norm grads need, see the launcher). A program walks GROUPS consecutive tiles of one head and writes
     its own partial of the normalised memory keys'/values' grads into dmem (programs, 2, h, m, d), fp32, no
     atomics; the host sums them. Grid: (tile chunk, head) flattened on axis 0."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % HEADS
-    chunk = pid // HEADS
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    head, chunk, d, d_mask, mi, mm = _head_program(HEADS, D, M, BLOCK_D, BLOCK_M)
     dt = s_ptr.dtype.element_ty
     out_ty = dqkv_ptr.dtype.element_ty
     hd = HEADS * D
-    mi = tl.arange(0, BLOCK_M)
-    mm = (mi < M)[:, None] & d_mask[None, :]
     if HAS_MEM:
         mk, mv = _mem_kv(mem_ptr, sm_kv, sm_h, sm_m, sm_d, head, d, d_mask, M, eps, norm_scale, BLOCK_M)
     dmk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -443,14 +448,8 @@ def attn_core_bwd_long_kernel(
       else: per (position, query block, head) item, GROUPS items per program: dq, looping over the key blocks,
             and the memory keys'/values' grads as one fp32 partial per program (summed on the host).
     Grid: (item chunk, head) flattened on axis 0."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % HEADS
-    chunk = pid // HEADS
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    head, chunk, d, d_mask, mi, mm = _head_program(HEADS, D, M, BLOCK_D, BLOCK_M)
     dt = s_ptr.dtype.element_ty
-    mi = tl.arange(0, BLOCK_M)
-    mm = (mi < M)[:, None] & d_mask[None, :]
     if HAS_MEM:
         mk, mv = _mem_kv(mem_ptr, sm_kv, sm_h, sm_m, sm_d, head, d, d_mask, M, eps, norm_scale, BLOCK_M)
     dmk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
