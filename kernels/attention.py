@@ -48,6 +48,8 @@ import os
 import triton
 import triton.language as tl
 
+from .grid import unravel3
+
 # The interpreter (CPU tests) runs numpy per program: one small config, no autotuning sweep.
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
@@ -275,11 +277,7 @@ def linear_mp_add_kernel(
     (mp_add's two weights folded in; no r without HAS_RES), frames layout on every side, out contiguous.
     Grid: (frame, pixel tile, co tile) flattened."""
     pid = tl.program_id(0).to(tl.int64)
-    n_co = tl.cdiv(CO, BLOCK_CO)
-    n_pt = tl.cdiv(P, BLOCK_P)
-    cot = pid % n_co
-    pt = (pid // n_co) % n_pt
-    n = pid // (n_co * n_pt)
+    cot, pt, n = unravel3(pid, tl.cdiv(CO, BLOCK_CO), tl.cdiv(P, BLOCK_P))
     co = cot * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = co < CO
     p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -535,11 +533,7 @@ def weight_grad_kernel(
     reduction axis is every (frame, pixel), split-K: each program reduces ``rows_per_prog`` (frame, pixel tile)
     rows and flushes one atomic add of its tile. Grid: (split, a tile, b tile) flattened."""
     pid = tl.program_id(0)
-    n_a = tl.cdiv(CA, BLOCK_A)
-    n_b = tl.cdiv(CB, BLOCK_B)
-    bt = pid % n_b
-    at = (pid // n_b) % n_a
-    split = pid // (n_a * n_b)
+    bt, at, split = unravel3(pid, tl.cdiv(CB, BLOCK_B), tl.cdiv(CA, BLOCK_A))
     ca = at * BLOCK_A + tl.arange(0, BLOCK_A)
     cb = bt * BLOCK_B + tl.arange(0, BLOCK_B)
     ca_mask = ca < CA

@@ -76,6 +76,16 @@ _BWD_CONFIGS = _configs([(dict(BLOCK_P=16, TILES_PER_PROG=4), 8), (dict(BLOCK_P=
 
 
 @triton.jit
+def _conv_bias_tile(h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C, wc_ptr, swc_o, swc_i, swc_k, c, c_mask, bias,
+                    K, PAD, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+    """The non-MP block's temporal conv of frame t of the clip plus its bias, [BLOCK_C, BLOCK_P] fp32 (the forward
+    and the backward's recompute both start from it)."""
+    y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    return _conv_tile(y, h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C,
+                      wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC) + bias[:, None]
+
+
+@triton.jit
 def _clip_pixel_channel_tile(C, P, T, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The non-MP kernels' program -> (first frame of its clip, pixel tile, channel tile), channel tile fastest;
     with the tiles' indices and masks."""
@@ -247,9 +257,8 @@ def block_fwd_kernel(
     bias = tl.load(bc_ptr + c, mask=c_mask, other=0.).to(tl.float32)
     ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for t in range(0, T):
-        y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        y = _conv_tile(y, h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C,
-                       wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC) + bias[:, None]
+        y = _conv_bias_tile(h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C, wc_ptr, swc_o, swc_i, swc_k, c, c_mask,
+                            bias, K, PAD, BLOCK_C, BLOCK_CI, BLOCK_P, PREC)
         y = y.to(out_ptr.dtype.element_ty)       # the scratch's rounding, so the norm sums what pass 2 reads
         ss += y.to(tl.float32) * y.to(tl.float32)
         tl.store(_tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix), y, mask=mask)
@@ -377,9 +386,8 @@ def block_bwd_kernel(
     bias = tl.load(bc_ptr + c, mask=c_mask, other=0.).to(tl.float32)
     ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for t in range(0, T):
-        y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        y = _conv_tile(y, h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C,
-                       wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC) + bias[:, None]
+        y = _conv_bias_tile(h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C, wc_ptr, swc_o, swc_i, swc_k, c, c_mask,
+                            bias, K, PAD, BLOCK_C, BLOCK_CI, BLOCK_P, PREC)
         y = y.to(y_ptr.dtype.element_ty)
         ss += y.to(tl.float32) * y.to(tl.float32)
         tl.store(y_ptr + (clip0 + t).to(tl.int64) * C * P + own, y, mask=mask)
