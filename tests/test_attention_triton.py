@@ -11,14 +11,10 @@ key-block loop (online softmax) cheaply.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import assert_close_rel, perturb_, strided_frames
+from conftest import assert_close_rel, compile_for_sm90, perturb_, strided_frames
 from lumiere_fast import backend
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import attention as att
@@ -158,6 +154,25 @@ def test_dropout_in_training_takes_the_reference():
     assert seen == {OP: {'reference'}}
 
 
+def _module_vs_upstream(u, o, op):
+    """o (ours, state dict of u loaded) on the Triton path vs upstream's module u: forward and the gradients of
+    the input and every parameter, on a (b c t h w) video; the op must really run its kernel."""
+    x = torch.randn(2, 12, 3, 2, 3)
+    xu, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref = u(xu)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        out = o(xo)
+    assert seen.get(op) == {'triton'}
+    assert_close_rel(out, ref, 1e-5, what='module forward')
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    assert_close_rel(xo.grad, xu.grad, 1e-5, what='module grad x')
+    up = dict(u.named_parameters())
+    for name, p in o.named_parameters():
+        assert_close_rel(p.grad, up[name].grad, 1e-5, atol=1e-7, what=f'module grad {name}')
+
+
 def test_module_matches_upstream():
     """lumiere_fast's MPAttentionInflationBlock on the Triton path vs lumiere-pytorch 0.0.24's (state dict
     loaded), forward and the gradients of the input and every parameter, (b c t h w) input."""
@@ -171,20 +186,7 @@ def test_module_matches_upstream():
     u.batch_dim = None      # upstream's MP attention block lacks it (AttributeError in its forward)
     u.train(False)
     o.train(False)
-    x = torch.randn(2, 12, 3, 2, 3)
-    xu, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ref = u(xu)
-    with backend.use_backend('triton'), backend.record_choices() as seen:
-        out = o(xo)
-    assert seen.get(OP) == {'triton'}
-    assert_close_rel(out, ref, 1e-5, what='module forward')
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    assert_close_rel(xo.grad, xu.grad, 1e-5, what='module grad x')
-    up = dict(u.named_parameters())
-    for name, p in o.named_parameters():
-        assert_close_rel(p.grad, up[name].grad, 1e-5, atol=1e-7, what=f'module grad {name}')
+    _module_vs_upstream(u, o, OP)
 
 
 def _op_args():
@@ -288,20 +290,7 @@ def test_nonmp_module_matches_upstream():
     perturb_(u)
     o = ours.AttentionInflationBlock(**kw)
     o.load_state_dict(u.state_dict(), strict=True)
-    x = torch.randn(2, 12, 3, 2, 3)
-    xu, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ref = u(xu)
-    with backend.use_backend('triton'), backend.record_choices() as seen:
-        out = o(xo)
-    assert seen.get(NON_MP) == {'triton'}
-    assert_close_rel(out, ref, 1e-5, what='module forward')
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    assert_close_rel(xo.grad, xu.grad, 1e-5, what='module grad x')
-    up = dict(u.named_parameters())
-    for name, p in o.named_parameters():
-        assert_close_rel(p.grad, up[name].grad, 1e-5, atol=1e-7, what=f'module grad {name}')
+    _module_vs_upstream(u, o, NON_MP)
 
 
 def test_nonmp_opcheck():
@@ -453,12 +442,4 @@ print('compiled')
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter never lowers the kernels: compile them for sm_90 through ptxas, so a GPU-only lowering
     error fails here too."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f'this triton has no ahead-of-time compile API: {e}')
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    run = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert run.returncode == 0 and 'compiled' in run.stdout, run.stderr[-3000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
