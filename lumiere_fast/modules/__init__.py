@@ -2,7 +2,7 @@
 
 from .attention import AttentionInflationBlock, MPAttentionInflationBlock
 from .conv import ConvolutionInflationBlock, MPConvolutionInflationBlock
-from .layout import TemporalModule
+from .base import TemporalModule
 from .resample import MPTemporalDownsample, MPTemporalUpsample, TemporalDownsample, TemporalUpsample
 
 __all__ = ['ConvolutionInflationBlock', 'AttentionInflationBlock', 'TemporalDownsample', 'TemporalUpsample',

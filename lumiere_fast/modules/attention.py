@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .layout import TemporalModule
+from .base import TemporalModule
 from .mp_layers import Gain, MPAdd, MPLinear
 
 

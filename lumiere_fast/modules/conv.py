@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .layout import TemporalModule
+from .base import TemporalModule
 from .mp_layers import Gain, MPAdd, MPConv1d, MPConv2d, MPSiLU
 
 

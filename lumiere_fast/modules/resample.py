@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .layout import TemporalModule
+from .base import TemporalModule
 from .mp_layers import MPConv1d
 
 

@@ -1,4 +1,4 @@
-"""Input handling shared by the eight temporal modules: image-or-video inputs, channel-last, batch/time.
+"""The TemporalModule base of the eight temporal modules: image-or-video inputs, channel-last, batch/time.
 
 A temporal module takes either a video ``b c t h w`` or a stack of frames ``(b t) c h w`` with the batch
 given by ``batch_size=`` on forward, by ``batch_dim`` (set by the Lumiere wrapper), or the frame count by
