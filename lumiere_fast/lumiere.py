@@ -29,7 +29,7 @@ from __future__ import annotations
 import copyreg
 import difflib
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from functools import partial
 
@@ -42,7 +42,7 @@ from .modules import (AttentionInflationBlock, ConvolutionInflationBlock, MPAtte
                       MPConvolutionInflationBlock, MPTemporalDownsample, MPTemporalUpsample, TemporalDownsample,
                       TemporalUpsample)
 from . import ops
-from .modules.layout import TemporalModule
+from .modules.base import TemporalModule
 from .modules.mp_layers import _MPWeight
 
 KINDS = ('conv', 'attn', 'downsample', 'upsample')
@@ -62,6 +62,7 @@ class _CallState:
 
     def __init__(self):
         self.video = None
+        self.image_model_only = False
 
     @property
     def batch(self):
@@ -83,25 +84,44 @@ class _TemporalHook:
 
     ``resample``: a temporal down/upsample, which passes a one-frame video through unchanged (T=1: images
     through the video model). ``checkpoint``: in training, run the module under ``torch.utils.checkpoint``
-    (its activations are recomputed in backward instead of held)."""
+    (its activations are recomputed in backward instead of held).
+
+    Two calling contracts, detected per class: ours (``module(x, batch_size=b)``, no attribute changes per call)
+    and upstream's (``module.batch_dim = b`` set before ``module(x)``), for user classes written to upstream's
+    contract and upstream's own temporal classes passed as ``conv_klass`` etc."""
 
     def __init__(self, temporal_module: nn.Module, state: _CallState, resample: bool = False):
         self.temporal_module = temporal_module
         self.state = state
         self.resample = resample
         self.checkpoint = False
+        self.takes_batch_size = _takes_batch_size(type(temporal_module))
         # the MP weight layers renormalise their stored weight in train mode; under checkpointing that happens
         # once, before the checkpointed call, so the recomputation in backward sees the very same weights
         self.mp_weights = [m for m in temporal_module.modules() if isinstance(m, _MPWeight)]
 
     def __call__(self, module, args, output):
         state = self.state
+        if state.video is None:
+            if state.image_model_only:
+                return output
+            raise RuntimeError(
+                'Lumiere: the wrapped image model was called on its own (lumiere.model(frames, ...)); its temporal '
+                'modules need to know which frames form which video. Call the wrapper on a video '
+                '(lumiere(video, ...), video b c t h w), or run the image model without its temporal modules under '
+                '`with lumiere.image_model_only(): lumiere.model(frames, ...)`')
         if self.resample and state.single_frame:
             return output
         m = self.temporal_module
         if self.checkpoint and m.training and torch.is_grad_enabled():
             return self._checkpointed(output, state.batch)
-        return m(output, batch_size=state.batch)
+        return self._run(output, state.batch)
+
+    def _run(self, x, batch):
+        if self.takes_batch_size:
+            return self.temporal_module(x, batch_size=batch)
+        self.temporal_module.batch_dim = batch        # upstream's contract
+        return self.temporal_module(x)
 
     def _checkpointed(self, output, batch):
         for w in self.mp_weights:
@@ -114,19 +134,20 @@ class _TemporalHook:
         for w in self.mp_weights:
             w.training = False
         try:
-            return self.temporal_module(x, batch_size=batch)
+            return self._run(x, batch)
         finally:
             for w, mode in zip(self.mp_weights, modes):
                 w.training = mode
 
 
-def _match_batch(arg, inferred: int):
+def _match_batch(arg, inferred: int, average: bool = False):
     """A conditioning tensor next to frames of leading size ``inferred``.
 
     Fewer rows are repeated per frame ('b ... -> (b t) ...'), as upstream. More rows means per-frame
-    conditioning at a temporally downsampled level, where each frame stands for a group of input frames:
-    floating-point conditioning gets the mean of its group (upstream keeps the first frame of each group and
-    drops the rest); integer conditioning (labels) cannot be averaged and keeps the first of each group."""
+    conditioning at a temporally downsampled level, where each frame stands for a group of input frames: as
+    upstream, the first frame of each group is kept. With ``average`` (a keyword named in the wrapper's
+    ``average_conditioning``), floating-point conditioning gets the mean of its group instead; integer
+    conditioning (labels) cannot be averaged and keeps the first of each group."""
     if not isinstance(arg, Tensor) or arg.ndim == 0:
         return arg
     cond = arg.shape[0]
@@ -134,33 +155,42 @@ def _match_batch(arg, inferred: int):
         return arg.repeat_interleave(inferred // cond, dim=0)
     if cond > inferred:
         groups = arg.reshape(inferred, cond // inferred, *arg.shape[1:])
-        if not arg.is_floating_point():
-            return groups[:, 0]
-        return _group_mean(groups)
+        if average and arg.is_floating_point():
+            return _group_mean(groups)
+        return groups[:, 0]
     return arg
 
 
 def _group_mean(groups: Tensor) -> Tensor:
     """Mean over dim 1 by pairwise halving while the group size is even (it is 2**levels here): conditioning that
-    is the same for every frame of a group (per-video conditioning repeated per frame) comes out bit-identical,
-    so outputs match upstream exactly wherever upstream's first-of-group rule was right."""
+    is the same for every frame of a group (per-video conditioning repeated per frame) comes out bit-identical
+    to upstream's first-of-group rule."""
     while groups.shape[1] > 1 and groups.shape[1] % 2 == 0:
         groups = 0.5 * (groups[:, 0::2] + groups[:, 1::2])
     return groups.mean(1) if groups.shape[1] > 1 else groups[:, 0]
 
 
 class _ConditioningHook:
-    """Forward pre-hook: make the conditioning tensors follow the frames' (temporally resampled) batch."""
+    """Forward pre-hook: make the conditioning tensors follow the frames' (temporally resampled) batch.
+
+    ``average``: keyword names whose per-frame floating-point values are averaged over the frames a temporal
+    downsample merged (opt-in; upstream keeps the first frame of each group for every tensor)."""
+
+    def __init__(self, average=frozenset()):
+        self.average = frozenset(average)
 
     def __call__(self, module, args, kwargs):
         if not args or not isinstance(args[0], Tensor) or (len(args) == 1 and not kwargs):
             return None
-        first, rest = args[0], (args[1:], kwargs)
-        flat, spec = tree_flatten(rest)
-        if not flat:
-            return None
+        first = args[0]
         inferred = first.shape[0]
-        rest_args, rest_kwargs = tree_unflatten([_match_batch(a, inferred) for a in flat], spec)
+        flat, spec = tree_flatten(args[1:])
+        rest_args = tree_unflatten([_match_batch(a, inferred) for a in flat], spec)
+        rest_kwargs = {}
+        for key, value in kwargs.items():
+            flat, spec = tree_flatten(value)
+            avg = key in self.average
+            rest_kwargs[key] = tree_unflatten([_match_batch(a, inferred, avg) for a in flat], spec)
         return (first, *rest_args), rest_kwargs
 
 
@@ -243,6 +273,23 @@ def _takes_conditioning(module: nn.Module) -> bool:
     return _EXTRA_ARGS_CACHE[klass]
 
 
+def _takes_batch_size(klass: type) -> bool:
+    """Whether a temporal class's ``forward`` takes ``batch_size=`` (ours; also any forward with ``**kwargs``).
+    Classes that do not are called upstream's way: ``batch_dim`` set on the module, then ``module(x)``."""
+    try:
+        params = inspect.signature(klass.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == 'batch_size' or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _check_keyword_names(names) -> tuple:
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)) or \
+            not all(isinstance(k, str) for k in names):
+        raise TypeError(f'Lumiere: expected average_conditioning as a list of keyword names (str), got {names!r}')
+    return tuple(names)
+
+
 def _is_karras_unet(model: nn.Module) -> bool:
     return (type(model).__name__ == 'KarrasUnet' and all(isinstance(getattr(model, n, None), nn.ModuleList)
                                                          for n in ('downs', 'mids', 'ups')))
@@ -315,9 +362,7 @@ def _check_names(kind: str, names, modules: dict) -> list[str]:
             close = difflib.get_close_matches(name, list(modules), n=3)
             hint = f'; did you mean {close}?' if close else ''
             raise ValueError(f'{kind}_module_names: module {name!r} not found in the model{hint}')
-    if len(set(names)) != len(names):
-        raise ValueError(f'{kind}_module_names: names must be unique, got {list(names)}')
-    return list(names)
+    return list(names)        # a name listed twice gets two temporal modules, run in turn (as upstream)
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
@@ -330,7 +375,13 @@ class Lumiere(nn.Module):
     arguments the model needs for the init dry run (class labels are supplied for a class-conditional
     KarrasUnet); ``dry_run_input`` replaces the mock image batch ``n c h w`` of the dry run (``dry_run_kwargs``
     then sized for ``n``); ``check_mock_video=False`` skips the mock-video output-shape check after it;
-    ``checkpoint_temporal`` and ``identity_init``: see the module docstring.
+    ``checkpoint_temporal`` and ``identity_init``: see the module docstring. ``average_conditioning``: keyword
+    names (e.g. ``['emb']``, the embedding a ``KarrasUnet`` hands its blocks) whose per-frame floating-point values
+    are averaged over the frames each temporal downsample merges, instead of upstream's first frame of each group.
+
+    A module may be named in several lists (upstream's README names ``downs.1`` as a conv and a downsample point):
+    it then carries one temporal module per list, run in upstream's order conv, attn, downsample, upsample; a name
+    listed twice in one list gets two temporal modules, run in turn, as upstream.
     """
 
     def __init__(
@@ -352,6 +403,7 @@ class Lumiere(nn.Module):
         attn_klass=AttentionInflationBlock,
         downsample_klass=TemporalDownsample,
         upsample_klass=TemporalUpsample,
+        average_conditioning=(),
         dry_run_kwargs: dict | None = None,
         dry_run_input: Tensor | None = None,
         check_mock_video: bool = True,
@@ -375,6 +427,7 @@ class Lumiere(nn.Module):
             if kw is not None and not isinstance(kw, dict):
                 raise TypeError(f'Lumiere: expected {label} as a dict, got {type(kw).__name__}')
 
+        _check_keyword_names(average_conditioning)
         if dry_run_input is not None and (not isinstance(dry_run_input, Tensor) or dry_run_input.ndim != 4):
             raise ValueError(f'Lumiere: expected dry_run_input as a (batch, channels, height, width) tensor of '
                              f'images, got {type(dry_run_input).__name__} of shape '
@@ -402,12 +455,11 @@ class Lumiere(nn.Module):
         if len(names['downsample']) != len(names['upsample']):
             raise ValueError(f'Lumiere: expected as many temporal upsamples as downsamples, got '
                              f'{len(names["downsample"])} downsample and {len(names["upsample"])} upsample modules')
-        used = [n for kind in KINDS for n in names[kind]]
-        if len(set(used)) != len(used):
-            dup = sorted({n for n in used if used.count(n) > 1})
-            raise ValueError(f'Lumiere: each module can carry one temporal module, got {dup} in several lists')
+        # a module named in several lists (upstream's README: conv and down/upsample at the same block) carries
+        # one temporal module per list, run in upstream's hook order: conv, attn, downsample, upsample
+        used = {n for kind in KINDS for n in names[kind]}
 
-        order, shapes = self._dry_run(modules, set(used), dry_run_kwargs or {}, dry_run_input)
+        order, shapes = self._dry_run(modules, used, dry_run_kwargs or {}, dry_run_input)
 
         for kind in KINDS:
             missing = [n for n in names[kind] if n not in shapes]
@@ -427,6 +479,9 @@ class Lumiere(nn.Module):
                                      f'needs a 4-dim (b t) c h w output')
                 m = klass[kind](dim=shape[1], **(kwargs[kind] or {}))
                 if identity_init:
+                    if not callable(getattr(m, 'identity_init_', None)):
+                        raise TypeError(f'Lumiere: identity_init=True needs temporal modules with an identity_init_() '
+                                        f'method; {type(m).__name__} (the {kind} class) has none')
                     m.identity_init_()
                 temporal.append(m)
             built[kind] = nn.ModuleList(temporal)
@@ -449,7 +504,8 @@ class Lumiere(nn.Module):
         self.identity_init = bool(identity_init)
 
         # conditioning follows the frames (upstream's pre-hook), on every module that can be handed any
-        hook = _ConditioningHook()
+        hook = self._conditioning_hook = _ConditioningHook()
+        self.average_conditioning = average_conditioning
         for m in self.model.modules():
             if m is self.model or _takes_conditioning(m):
                 m.register_forward_pre_hook(hook, with_kwargs=True)
@@ -590,6 +646,30 @@ class Lumiere(nn.Module):
             sub = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
             getattr(self, attr).load_state_dict(sub, strict=False)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    @property
+    def average_conditioning(self) -> tuple:
+        """Keyword names whose per-frame floating-point conditioning is averaged over the frames a temporal
+        downsample merged (default empty: upstream's first frame of each group); settable."""
+        return tuple(sorted(self._conditioning_hook.average))
+
+    @average_conditioning.setter
+    def average_conditioning(self, names):
+        self._conditioning_hook.average = frozenset(_check_keyword_names(names))
+
+    @contextmanager
+    def image_model_only(self):
+        """``with lumiere.image_model_only(): lumiere.model(frames, time=...)`` runs the wrapped image model on
+        frames ``n c h w`` without its temporal modules (outside the block, a direct call of ``lumiere.model``
+        raises: its temporal modules cannot tell which frames form a video). The image model you passed to the
+        constructor is a separate copy and never carries temporal modules."""
+        state = self._call_state
+        previous = state.image_model_only
+        state.image_model_only = True
+        try:
+            yield self.model
+        finally:
+            state.image_model_only = previous
 
     def compile(self, *args, **kwargs):
         """``nn.Module.compile`` (compile this module's call in place; arguments go to ``torch.compile``), with one

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lumiere_fast import Lumiere, MPLumiere
-from conftest import SMALL_UNET_NAMES, assert_close_rel, small_unet
+from helpers import SMALL_UNET_NAMES, assert_close_rel, small_unet
 
 
 def _small(klass=Lumiere, unet=None, **kw):
@@ -296,13 +296,32 @@ class _PerFrameCondModel(nn.Module):
 _COND_NAMES = dict(conv_module_names=['inp'], downsample_module_names=['down'], upsample_module_names=['up'])
 
 
-def test_per_frame_conditioning_is_averaged_over_merged_frames():
-    """Upstream hands a block after a temporal downsample the first frame's conditioning of each merged pair
-    and silently drops the other (so changing the second frame's conditioning changes nothing). Ours gives the
-    merged frame the mean of its frames' conditioning: per-frame (b*t, ...) conditioning counts for every frame,
-    and per-video conditioning (the same in every frame of a group) gives exactly upstream's result."""
+def test_per_frame_conditioning_follows_upstream_by_default():
+    """A block after a temporal downsample gets the first frame's conditioning of each merged pair, as upstream
+    (the other frame's is dropped): same numbers as upstream, bit for bit."""
+    upstream = pytest.importorskip('lumiere_pytorch')
     torch.manual_seed(0)
-    lum = _perturb_temporal_(Lumiere(_PerFrameCondModel(), image_size=8, **_COND_NAMES)).eval()
+    model = _PerFrameCondModel()
+    names = dict(_COND_NAMES, attn_module_names=['mid'], attn_inflation_kwargs=dict(heads=2, dim_head=4))
+    lum = _perturb_temporal_(Lumiere(model, image_size=8, **names)).eval()
+    up = upstream.Lumiere(model, image_size=8, unet_time_kwarg='time', **names).eval()     # crashes without attn
+    up.load_state_dict(lum.state_dict())
+    video, cond = torch.randn(2, 3, 4, 8, 8), torch.randn(8, 4)
+    second = cond.clone()
+    second[1::2] += 1.
+    with torch.no_grad():
+        out = lum(video, cond=cond)
+        torch.testing.assert_close(out, up(video, cond=cond), rtol=0, atol=0)
+        torch.testing.assert_close(lum(video, cond=second), out, rtol=0, atol=0)
+
+
+def test_per_frame_conditioning_averaged_when_asked():
+    """``average_conditioning=['cond']``: the merged frame gets the mean of its frames' conditioning, so every
+    frame's conditioning counts; per-video conditioning (the same in every frame of a group) gives exactly the
+    default's (upstream's) result."""
+    torch.manual_seed(0)
+    lum = _perturb_temporal_(Lumiere(_PerFrameCondModel(), image_size=8, average_conditioning=['cond'],
+                                     **_COND_NAMES)).eval()
     video = torch.randn(2, 3, 4, 8, 8)
     cond = torch.randn(8, 4)                                 # (b t) rows: one per frame
     second = cond.clone()
@@ -314,6 +333,10 @@ def test_per_frame_conditioning_is_averaged_over_merged_frames():
         torch.testing.assert_close(lum(video, cond=pair_mean), out)        # ... through the mean of its group
         per_video = lum(video, cond=cond[::4])                             # (b, ...) rows: repeated per frame
         torch.testing.assert_close(lum(video, cond=cond[::4].repeat_interleave(4, dim=0)), per_video, rtol=0, atol=0)
+        lum.average_conditioning = ()                                      # settable later: upstream's rule again
+        torch.testing.assert_close(lum(video, cond=second), lum(video, cond=cond), rtol=0, atol=0)
+    with pytest.raises(TypeError, match='average_conditioning as a list of keyword names'):
+        Lumiere(_PerFrameCondModel(), image_size=8, average_conditioning='cond', **_COND_NAMES)
 
 
 def test_zero_dim_kwarg_passes_through_the_conditioning_hook():

@@ -30,6 +30,15 @@ def _check_kwargs(owner: str, given: dict, allowed: dict) -> dict:
     return out
 
 
+def _layers_dropout(block: nn.Module, dropouts: list) -> float:
+    """The one dropout probability of a block's attention layers (the fused op applies one to every layer)."""
+    ps = {float(d.p) for d in dropouts}
+    if len(ps) > 1:
+        raise ValueError(f'{type(block).__name__}: its attention layers have different dropout probabilities '
+                         f'{sorted(ps)}; set the same p on every layer\'s nn.Dropout')
+    return ps.pop()
+
+
 class RMSNorm(nn.Module):
     """x-transformers' RMSNorm: ``F.normalize(x, dim=-1) * sqrt(dim) * g``."""
 
@@ -55,7 +64,8 @@ class Attention(nn.Module):
             raise ValueError(f'AttentionInflationBlock: with heads=1 there is no output projection (as in '
                              f'x-transformers), so dim_head must equal dim={dim}; got dim_head={dim_head}')
         hidden = heads * dim_head
-        self.heads, self.dim_head, self.dropout = heads, dim_head, float(dropout)
+        self.heads, self.dim_head = heads, dim_head
+        self.attn_dropout = nn.Dropout(dropout)        # x-transformers' Attend holds an nn.Dropout too; read per call
         self.to_q = nn.Linear(dim, hidden, bias=False)
         self.to_k = nn.Linear(dim, hidden, bias=False)
         self.to_v = nn.Linear(dim, hidden, bias=False)
@@ -66,7 +76,7 @@ class Attention(nn.Module):
         return self.to_q.weight, self.to_k.weight, self.to_v.weight, wo
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.attention_layer(x, None, *self.weights(), self.heads, self.dropout, self.training, False)
+        return ops.attention_layer(x, None, *self.weights(), self.heads, self.attn_dropout.p, self.training, False)
 
 
 class Residual(nn.Module):
@@ -86,7 +96,6 @@ class AttentionInflationBlock(TemporalModule):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f'{type(self).__name__}: expected depth as a positive int, got {depth!r}')
         self.heads, self.prenorm, self.residual_attn = kw['heads'], bool(prenorm), bool(residual_attn)
-        self.dropout = float(kw['dropout'])
         self.temporal_attns = nn.ModuleList()
         for _ in range(depth):
             attn = nn.Sequential(*([RMSNorm(dim)] if prenorm else []), Attention(dim, **kw))
@@ -101,6 +110,12 @@ class AttentionInflationBlock(TemporalModule):
             g = seq[0].g if self.prenorm else None
             attn = seq[-1]
             yield (g, *attn.weights())
+
+    @property
+    def dropout(self) -> float:
+        """The attention dropout probability, read from the layers' ``nn.Dropout`` modules at every call."""
+        return _layers_dropout(self, [(seq.fn if self.residual_attn else seq)[-1].attn_dropout
+                                      for seq in self.temporal_attns])
 
     def forward(self, x: Tensor, batch_size: int | None = None) -> Tensor:
         f = self.to_frames(x, batch_size)
@@ -141,12 +156,16 @@ class MPAttentionInflationBlock(TemporalModule):
         if not 0. <= float(dropout) < 1.:
             raise ValueError(f'{type(self).__name__}: expected dropout in [0, 1), got {dropout!r}')
         self.heads = kw['heads']
-        self.dropout = float(dropout)
         self.temporal_attns = nn.ModuleList([MPAttention(dim=dim, dropout=dropout, **kw) for _ in range(depth)])
         self.proj_out = nn.Sequential(MPLinear(dim, dim), Gain())
         self.residual_mp_add = MPAdd(t=mp_add_t)
         if identity_init:            # opt-in: an exact identity at init (see TemporalModule.identity_init_)
             self.identity_init_()
+
+    @property
+    def dropout(self) -> float:
+        """The attention dropout probability, read from the layers' ``nn.Dropout`` modules at every call."""
+        return _layers_dropout(self, [attn.dropout for attn in self.temporal_attns])
 
     def forward(self, x: Tensor, batch_size: int | None = None) -> Tensor:
         f = self.to_frames(x, batch_size)

@@ -21,10 +21,18 @@ class _MPWeight(nn.Module):
         self.fan_in = int(torch.Size(shape[1:]).numel())
 
     def effective_weight(self) -> Tensor:
-        """The weight the layer applies; renormalises the stored one first in train mode."""
+        """The weight the layer applies; renormalises the stored one first in train mode.
+
+        The train-mode renormalisation writes the stored weight in place, so a later forward (a second
+        micro-batch before one backward, a ``no_grad`` forward in between) would invalidate what this forward's
+        normalisation saved for backward. Upstream's ``pack`` happens to copy the weight first; here the copy is
+        explicit, and only taken when autograd will save it (a few KiB: temporal weights only)."""
         if self.training:
             ops.renormalize_(self.weight, self.eps)
-        return ops.mp_weight(self.weight, self.eps)
+        weight = self.weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            weight = weight.clone()
+        return ops.mp_weight(weight, self.eps)
 
 
 class MPLinear(_MPWeight):
