@@ -2,7 +2,7 @@
 
 Native builds need torch importable at build time, so install torch first and build without isolation:
 
-    pip install 'torch>=2.4' ninja setuptools wheel && pip install --no-build-isolation -e .
+    pip install 'torch>=2.11' ninja setuptools wheel && pip install --no-build-isolation -e .
 
 Switches (environment):
     LUMIERE_FAST_BUILD_EXT=0     build no native extension (pure-Python install; the reference runs)
@@ -146,15 +146,18 @@ setup(
     package_dir={'lumiere_fast.kernels': 'kernels'},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # The floors are the oldest stack CI tests (.ci/run, stage 'oldest': torch 2.11 + triton 3.6, the GPU image's);
+    # the newest is whatever the README's install command resolves (stage 'newest').
     install_requires=[
-        'torch>=2.4',
+        'torch>=2.11',
         'einops>=0.7',
         'tqdm>=4.60',
-        'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
+        'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     extras_require={
-        # the image model of the main command and of the README examples
-        'karras': ['denoising-diffusion-pytorch>=2.0'],
+        # the image model of the main command and of the README examples, and the upstream the main command
+        # compares ours against
+        'karras': ['denoising-diffusion-pytorch>=2.0', 'lumiere-pytorch==0.0.24'],
         'test': [
             'pytest>=7',
             'pytest-benchmark>=4',
