@@ -12,25 +12,30 @@ frames [qb * SPAN, (qb + 1) * SPAN) and the forward loops over key blocks with a
 tile is ever held whole.
 
 Kernels (grid: everything on axis 0, decoded in the kernel; no axis bounded by 65,535 carries the batch):
-  attn_core_kernel      per (row tile, head): q, k, v of the head projected from the tile's [rows, c] (tl.dot over
-                        c chunks), MP: pixel norm of q, k, v and of the memory keys/values; non-MP: RMSNorm
-                        pre-norm folded in (rows divided by their norm over c times sqrt(c), g on the weights);
-                        fp32 online softmax over memory + key blocks; writes o as a (b t) (h d) H W tensor.
-  attn_core_bwd_kernel  its backward for T <= the row cap (the whole position in one tile): scores and
-                        probabilities recomputed, dq, dk, dv written as (b t) (3 h d) H W (through the pixel norm
-                        for MP; times the RMSNorm row scale for non-MP, see the launcher); each program walks
-                        GROUPS tiles of one head and writes one partial of the memory key/value grads (no atomics;
-                        the host sums the partials: deterministic).
-  attn_core_bwd_long_kernel  the backward for T above the cap, in SPAN-frame blocks from the forward's saved
-                        log-sum-exp (flash-attention-2 style): a dk/dv launch (per key block, loop over query
-                        blocks) and a dq + memory-grad launch (per query block, loop over key blocks); no atomics.
-  linear_mp_add_kernel  out = mp_add(gain * W @ in (+ bias), res) per (frame, pixel tile, out-channel tile): output
-                        projections, residuals (MP and plain), and the backward's W^T products.
-  weight_grad_kernel    sum over frames and pixels of a (x) b: the weight grads (split-K, one fp32 atomic flush
-                        per program tile).
-  rms_norm_bwd_kernel   the RMSNorm pre-norm's backward per (frame, pixel tile), two passes over c.
-  channel_sum_kernel    per-program partials of sum over frames and pixels of a (* b) per channel: the RMSNorm
-                        gain's and proj_out bias's grads (deterministic, summed on the host).
+  _attention_core_kernel
+      per (row tile, head): q, k, v of the head projected from the tile's [rows, c] (tl.dot over c chunks), MP:
+      pixel norm of q, k, v and of the memory keys/values; non-MP: RMSNorm pre-norm folded in (rows divided by
+      their norm over c times sqrt(c), g on the weights); fp32 online softmax over memory + key blocks; writes o as
+      a (b t) (h d) H W tensor.
+  _attention_core_backward_kernel
+      its backward for T <= the row cap (the whole position in one tile): scores and probabilities recomputed, dq,
+      dk, dv written as (b t) (3 h d) H W (through the pixel norm for MP; times the RMSNorm row scale for non-MP,
+      see the launcher); each program walks GROUPS tiles of one head and writes one partial of the memory
+      key/value grads (no atomics; the host sums the partials: deterministic).
+  _attention_core_backward_long_kernel
+      the backward for T above the cap, in SPAN-frame blocks from the forward's saved log-sum-exp
+      (flash-attention-2 style): a dk/dv launch (per key block, loop over query blocks) and a dq + memory-grad
+      launch (per query block, loop over key blocks); no atomics.
+  _attention_linear_kernel
+      out = mp_add(gain * W @ in (+ bias), res) per (frame, pixel tile, out-channel tile): output projections,
+      residuals (MP and plain), and the backward's W^T products.
+  _attention_rms_norm_backward_kernel
+      the RMSNorm pre-norm's backward per (frame, pixel tile), two passes over c.
+  _attention_channel_sum_kernel
+      per-program partials of sum over frames and pixels of a (* b) per channel: the RMSNorm gain's and proj_out
+      bias's grads (deterministic, summed on the host).
+The weight grads (sum over frames and pixels of a (x) b, split-K, one fp32 atomic flush per program tile) are
+temporal_conv1d's weight-grad kernel with one tap (``kernels/temporal_conv1d.py``).
 
 Why the layer is not one kernel: the output projection sums over all heads and the residual needs all c
 channels of a position's T rows; holding [T, c] (c up to 768, T up to 128) plus the [c, h d] weight on chip in one
@@ -43,31 +48,17 @@ masked. Accumulation and softmax are fp32; fp16/bf16 operands go to tl.dot in th
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from .grid import unravel3
+from .grid import INTERPRET, configs, pixel_offsets, unravel3
 
-# The interpreter (CPU tests) runs numpy per program: one small config, no autotuning sweep.
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
-
-
-def _configs(options):
-    if INTERPRET:
-        options = options[:1]
-    return [triton.Config(meta, num_warps=warps) for meta, warps in options]
-
-
-_LINEAR_CONFIGS = _configs([(dict(BLOCK_CO=16, BLOCK_P=16), 4) if INTERPRET else (dict(BLOCK_CO=64, BLOCK_P=64), 4),
-                            (dict(BLOCK_CO=64, BLOCK_P=128), 8), (dict(BLOCK_CO=128, BLOCK_P=64), 8),
-                            (dict(BLOCK_CO=32, BLOCK_P=64), 4)])
-
-# weight_grad_kernel's (BLOCK_A, BLOCK_B, BLOCK_P) and warps
-WGRAD_BLOCKS = (16, 16, 16) if INTERPRET else (64, 64, 32)
-WGRAD_WARPS = 4 if INTERPRET else 8
-# rms_norm_bwd_kernel's and channel_sum_kernel's (BLOCK_C, BLOCK_P)
+_LINEAR_CONFIGS = configs([triton.Config(dict(BLOCK_CO=64, BLOCK_P=64), num_warps=4),
+                           triton.Config(dict(BLOCK_CO=64, BLOCK_P=128), num_warps=8),
+                           triton.Config(dict(BLOCK_CO=128, BLOCK_P=64), num_warps=8),
+                           triton.Config(dict(BLOCK_CO=32, BLOCK_P=64), num_warps=4)],
+                          [triton.Config(dict(BLOCK_CO=16, BLOCK_P=16), num_warps=4)])
+# _attention_rms_norm_backward_kernel's and _attention_channel_sum_kernel's (BLOCK_C, BLOCK_P)
 CHAN_BLOCKS = (16, 16) if INTERPRET else (64, 64)
 # Attention row tiles (the launcher picks BLOCK_R from T): at least ATTN_ROWS_MIN rows, so short clips pack
 # several positions into one tile; positions longer than ATTN_ROWS_MAX frames go through the forward's key-block
@@ -78,12 +69,6 @@ ATTN_ROWS_MAX = 64
 
 # -inf stand-in for running maxima: a row whose keys are all masked (a tail row of a tile) keeps exp() finite
 NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _pixel_offsets(p, W, s_h, s_w):
-    """Offsets of flat pixel indices p (row-major over H W) in a tensor with pixel strides (s_h, s_w)."""
-    return (p // W).to(tl.int64) * s_h + (p % W).to(tl.int64) * s_w
 
 
 @triton.jit
@@ -198,7 +183,7 @@ def _scores(qd, k, sm_scale, MP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def attn_core_kernel(
+def _attention_core_kernel(
         s_ptr, ss_n, ss_c, ss_h, ss_w,
         wq_ptr, swq_o, swq_i, wk_ptr, swk_o, swk_i, wv_ptr, swv_o, swv_i, row_k0, row_v0,
         mem_ptr, sm_kv, sm_h, sm_m, sm_d, g_ptr,
@@ -222,7 +207,7 @@ def attn_core_kernel(
     dt = s_ptr.dtype.element_ty
     hd = HEADS * D
     n, p, lp, valid = _tile_rows(grp, qb, T, SPAN, POS, n_pos, P, BLOCK_R)
-    row_off = n * ss_n + _pixel_offsets(p, W, ss_h, ss_w)
+    row_off = n * ss_n + pixel_offsets(p, W, ss_h, ss_w)
     inv = _rms_inv(s_ptr, row_off, ss_c, valid, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
     _, q = _qkv(s_ptr, row_off, ss_c, valid, inv, wq_ptr, swq_o, swq_i, head * D, d, d_mask, C, g_ptr, eps,
                 norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
@@ -240,7 +225,7 @@ def attn_core_kernel(
         acc = tl.dot(pm.to(dt), mv.to(dt), input_precision=PREC)
     for kb in range(0, QB):
         nk, pk, lpk, valid_k = _tile_rows(grp, kb, T, SPAN, POS, n_pos, P, BLOCK_R)
-        k_off = nk * ss_n + _pixel_offsets(pk, W, ss_h, ss_w)
+        k_off = nk * ss_n + pixel_offsets(pk, W, ss_h, ss_w)
         inv_k = _rms_inv(s_ptr, k_off, ss_c, valid_k, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
         _, k = _qkv(s_ptr, k_off, ss_c, valid_k, inv_k, wk_ptr, swk_o, swk_i, row_k0 + head * D, d, d_mask, C,
                     g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
@@ -265,7 +250,7 @@ def attn_core_kernel(
 
 @triton.autotune(configs=_LINEAR_CONFIGS, key=['CI', 'CO'])
 @triton.jit
-def linear_mp_add_kernel(
+def _attention_linear_kernel(
         x_ptr, sx_n, sx_c, sx_h, sx_w,
         w_ptr, sw_o, sw_i,
         r_ptr, sr_n, sr_c, sr_h, sr_w,
@@ -282,7 +267,7 @@ def linear_mp_add_kernel(
     co_mask = co < CO
     p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    x_pix = _pixel_offsets(p, W, sx_h, sx_w)
+    x_pix = pixel_offsets(p, W, sx_h, sx_w)
     acc = tl.zeros([BLOCK_CO, BLOCK_P], tl.float32)
     for c0 in range(0, CI, BLOCK_CI):
         ci = c0 + tl.arange(0, BLOCK_CI)
@@ -301,7 +286,7 @@ def linear_mp_add_kernel(
         y += tl.load(bias_ptr + co, mask=co_mask, other=0.).to(tl.float32)[:, None]
     out = y * c_out
     if HAS_RES:
-        r = tl.load(r_ptr + n * sr_n + co.to(tl.int64)[:, None] * sr_c + _pixel_offsets(p, W, sr_h, sr_w)[None, :],
+        r = tl.load(r_ptr + n * sr_n + co.to(tl.int64)[:, None] * sr_c + pixel_offsets(p, W, sr_h, sr_w)[None, :],
                     mask=mask, other=0.).to(tl.float32)
         out += r * c_res
     tl.store(out_ptr + n * (CO * P) + co.to(tl.int64)[:, None] * P + p[None, :],
@@ -322,7 +307,7 @@ def _pixel_norm_bwd(raw, dy, eps, scale):
 
 
 @triton.jit
-def attn_core_bwd_kernel(
+def _attention_core_backward_kernel(
         s_ptr, ss_n, ss_c, ss_h, ss_w,
         wq_ptr, swq_o, swq_i, wk_ptr, swk_o, swk_i, wv_ptr, swv_o, swv_i, row_k0, row_v0,
         mem_ptr, sm_kv, sm_h, sm_m, sm_d, g_ptr,
@@ -330,7 +315,7 @@ def attn_core_bwd_kernel(
         T, C, P, W, HEADS, D, M, n_pos, POS, GROUPS, norm_scale, sm_scale, eps, rms_scale, rms_eps,
         MP: tl.constexpr, HAS_G: tl.constexpr, HAS_MEM: tl.constexpr, PREC: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Backward of attn_core_kernel when a position's T frames fit one tile (SPAN = T, one key block). Per tile:
+    """Backward of _attention_core_kernel when a position's T frames fit one tile (SPAN = T, one key block). Per tile:
     q, k, v and the probabilities are recomputed (the score block never goes to memory), do (contiguous
     (b t) (h d) H W) comes in, and dqkv (contiguous (b t) (3 h d) H W) goes out: MP, the grads of the raw
     projections through the pixel norm; non-MP, the grads of q, k, v times the RMSNorm row scale (what the weight
@@ -348,7 +333,7 @@ def attn_core_bwd_kernel(
     for gi in range(0, GROUPS):
         n, p, lp, valid = _tile_rows(chunk * GROUPS + gi, 0, T, T, POS, n_pos, P, BLOCK_R)
         td_mask = valid[:, None] & d_mask[None, :]
-        row_off = n * ss_n + _pixel_offsets(p, W, ss_h, ss_w)
+        row_off = n * ss_n + pixel_offsets(p, W, ss_h, ss_w)
         inv = _rms_inv(s_ptr, row_off, ss_c, valid, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
         q_raw, q = _qkv(s_ptr, row_off, ss_c, valid, inv, wq_ptr, swq_o, swq_i, head * D, d, d_mask, C, g_ptr,
                         eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
@@ -431,7 +416,7 @@ def _store_dqkv(dqkv_ptr, n, p, valid, d, d_mask, part, head, HEADS, D, P, raw, 
 
 
 @triton.jit
-def attn_core_bwd_long_kernel(
+def _attention_core_backward_long_kernel(
         s_ptr, ss_n, ss_c, ss_h, ss_w,
         wq_ptr, swq_o, swq_i, wk_ptr, swk_o, swk_i, wv_ptr, swv_o, swv_i, row_k0, row_v0,
         mem_ptr, sm_kv, sm_h, sm_m, sm_d, g_ptr,
@@ -439,7 +424,7 @@ def attn_core_bwd_long_kernel(
         T, C, P, W, HEADS, D, M, n_pos, SPAN, QB, GROUPS, norm_scale, sm_scale, eps, rms_scale, rms_eps,
         DKV: tl.constexpr, MP: tl.constexpr, HAS_G: tl.constexpr, HAS_MEM: tl.constexpr, PREC: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Backward of attn_core_kernel for clips longer than one tile (SPAN-frame blocks, one position per tile),
+    """Backward of _attention_core_kernel for clips longer than one tile (SPAN-frame blocks, one position per tile),
     flash-attention-2 style without atomics: the probabilities come back from the saved log-sum-exp, so no pass
     needs a whole T x T tile. Two launches over the same code:
       DKV:  per (position, key block, head): dk and dv of the block, looping over the query blocks;
@@ -457,7 +442,7 @@ def attn_core_bwd_long_kernel(
         grp = item // QB
         blk = item % QB
         n, p, lp, valid = _tile_rows(grp, blk, T, SPAN, 1, n_pos, P, BLOCK_R)
-        row_off = n * ss_n + _pixel_offsets(p, W, ss_h, ss_w)
+        row_off = n * ss_n + pixel_offsets(p, W, ss_h, ss_w)
         inv = _rms_inv(s_ptr, row_off, ss_c, valid, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
         if DKV:
             k_raw, k = _qkv(s_ptr, row_off, ss_c, valid, inv, wk_ptr, swk_o, swk_i, row_k0 + head * D, d, d_mask,
@@ -469,7 +454,7 @@ def attn_core_bwd_long_kernel(
             dv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
             for qb in range(0, QB):
                 nq, pq, lpq, valid_q = _tile_rows(grp, qb, T, SPAN, 1, n_pos, P, BLOCK_R)
-                q_off = nq * ss_n + _pixel_offsets(pq, W, ss_h, ss_w)
+                q_off = nq * ss_n + pixel_offsets(pq, W, ss_h, ss_w)
                 inv_q = _rms_inv(s_ptr, q_off, ss_c, valid_q, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
                 q_unused, q = _qkv(s_ptr, q_off, ss_c, valid_q, inv_q, wq_ptr, swq_o, swq_i, head * D, d, d_mask, C,
                             g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
@@ -503,12 +488,12 @@ def attn_core_bwd_long_kernel(
                 dmv += tl.dot(tl.trans(pm.to(dt)), dod, input_precision=PREC)
             for kb in range(0, QB):
                 nk, pk, lpk, valid_k = _tile_rows(grp, kb, T, SPAN, 1, n_pos, P, BLOCK_R)
-                k_off = nk * ss_n + _pixel_offsets(pk, W, ss_h, ss_w)
+                k_off = nk * ss_n + pixel_offsets(pk, W, ss_h, ss_w)
                 inv_k = _rms_inv(s_ptr, k_off, ss_c, valid_k, C, rms_scale, rms_eps, HAS_G, BLOCK_R, BLOCK_CK)
-                k_unused, k = _qkv(s_ptr, k_off, ss_c, valid_k, inv_k, wk_ptr, swk_o, swk_i, row_k0 + head * D, d, d_mask,
-                            C, g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
-                v_unused, v = _qkv(s_ptr, k_off, ss_c, valid_k, inv_k, wv_ptr, swv_o, swv_i, row_v0 + head * D, d, d_mask,
-                            C, g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
+                k_unused, k = _qkv(s_ptr, k_off, ss_c, valid_k, inv_k, wk_ptr, swk_o, swk_i, row_k0 + head * D, d,
+                                   d_mask, C, g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
+                v_unused, v = _qkv(s_ptr, k_off, ss_c, valid_k, inv_k, wv_ptr, swv_o, swv_i, row_v0 + head * D, d,
+                                   d_mask, C, g_ptr, eps, norm_scale, MP, HAS_G, PREC, BLOCK_R, BLOCK_D, BLOCK_CK)
                 sc = _scores(qd, k, sm_scale, MP, PREC)
                 pr = tl.where(valid[:, None] & valid_k[None, :], tl.exp(sc - lse[:, None]), 0.)
                 dp = tl.dot(dod, tl.trans(v.to(dt)), input_precision=PREC)
@@ -524,39 +509,7 @@ def attn_core_bwd_long_kernel(
 
 
 @triton.jit
-def weight_grad_kernel(
-        a_ptr, sa_n, sa_c, sa_h, sa_w,
-        b_ptr, sb_n, sb_c, sb_h, sb_w,
-        g_ptr, N, CA, CB, P, W, rows_per_prog,
-        PREC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
-    """g[ca, cb] += sum over (frame n, pixel p) of a[n, ca, p] * b[n, cb, p] (fp32 buffer): a GEMM whose
-    reduction axis is every (frame, pixel), split-K: each program reduces ``rows_per_prog`` (frame, pixel tile)
-    rows and flushes one atomic add of its tile. Grid: (split, a tile, b tile) flattened."""
-    pid = tl.program_id(0)
-    bt, at, split = unravel3(pid, tl.cdiv(CB, BLOCK_B), tl.cdiv(CA, BLOCK_A))
-    ca = at * BLOCK_A + tl.arange(0, BLOCK_A)
-    cb = bt * BLOCK_B + tl.arange(0, BLOCK_B)
-    ca_mask = ca < CA
-    cb_mask = cb < CB
-    n_pt = tl.cdiv(P, BLOCK_P)
-    rows = N * n_pt
-    acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    for i in range(0, rows_per_prog):
-        row = split.to(tl.int64) * rows_per_prog + i
-        n = row // n_pt
-        p = (row % n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = (p < P) & (row < rows)
-        a = tl.load(a_ptr + n * sa_n + ca.to(tl.int64)[:, None] * sa_c + _pixel_offsets(p, W, sa_h, sa_w)[None, :],
-                    mask=ca_mask[:, None] & p_mask[None, :], other=0.)
-        # b loaded as [pixels, cb] by its pointers (no tl.trans)
-        b = tl.load(b_ptr + n * sb_n + _pixel_offsets(p, W, sb_h, sb_w)[:, None] + cb.to(tl.int64)[None, :] * sb_c,
-                    mask=p_mask[:, None] & cb_mask[None, :], other=0.)
-        acc += tl.dot(a.to(b.dtype), b, input_precision=PREC)
-    tl.atomic_add(g_ptr + ca[:, None] * CB + cb[None, :], acc, mask=ca_mask[:, None] & cb_mask[None, :])
-
-
-@triton.jit
-def rms_norm_bwd_kernel(
+def _attention_rms_norm_backward_kernel(
         f_ptr, s_ptr, ss_n, ss_c, ss_h, ss_w, g_ptr, r_ptr, out_ptr,
         N, C, P, W, rms_eps, c_res,
         HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -570,7 +523,7 @@ def rms_norm_bwd_kernel(
     n = pid // n_pt
     p = (pid % n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    s_pix = _pixel_offsets(p, W, ss_h, ss_w)
+    s_pix = pixel_offsets(p, W, ss_h, ss_w)
     ss = tl.zeros([BLOCK_P], tl.float32)
     se = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -598,7 +551,7 @@ def rms_norm_bwd_kernel(
 
 
 @triton.jit
-def channel_sum_kernel(
+def _attention_channel_sum_kernel(
         a_ptr, sa_n, sa_c, sa_h, sa_w, b_ptr, sb_n, sb_c, sb_h, sb_w, part_ptr,
         N, C, P, W, rows_per_prog,
         HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -619,10 +572,10 @@ def channel_sum_kernel(
         n = row // n_pt
         p = (row % n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & ((p < P) & (row < rows))[None, :]
-        a = tl.load(a_ptr + n * sa_n + c.to(tl.int64)[:, None] * sa_c + _pixel_offsets(p, W, sa_h, sa_w)[None, :],
+        a = tl.load(a_ptr + n * sa_n + c.to(tl.int64)[:, None] * sa_c + pixel_offsets(p, W, sa_h, sa_w)[None, :],
                     mask=mask, other=0.).to(tl.float32)
         if HAS_B:
             a *= tl.load(b_ptr + n * sb_n + c.to(tl.int64)[:, None] * sb_c
-                         + _pixel_offsets(p, W, sb_h, sb_w)[None, :], mask=mask, other=0.).to(tl.float32)
+                         + pixel_offsets(p, W, sb_h, sb_w)[None, :], mask=mask, other=0.).to(tl.float32)
         acc += tl.sum(a, axis=1)
     tl.store(part_ptr + split.to(tl.int64) * C + c, acc, mask=c_mask)

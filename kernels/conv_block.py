@@ -10,30 +10,24 @@ are >= 16 on every dot axis (tl.dot's minimum); channel and pixel tails and out-
 Accumulation is fp32; fp16/bf16 operands go to tl.dot as they are and results are cast once on store.
 
 Kernels (grid: everything on axis 0, decoded in the kernel):
-  conv_epilogue_kernel      generic conv tile (n, pixel tile, co tile) + an epilogue: the split forward (C too
-                            large to hold all channels of a pixel tile on chip) and grad_h (flipped weights)
-  mp_block_fwd_kernel       MP forward, all channels of a pixel tile in one program: conv -> mp_silu -> 1x1
-                            projection (tl.dot from registers) -> gain + mp_add with the residual
-  block_fwd_kernel          non-MP forward: one program sees all T frames of its pixels (the norm is over time)
-  mp_block_bwd_kernel       MP backward except the conv weight and grad_h: recompute y, a; grad residual, dy;
-                            fused (C <= BWD_FUSE_MAX_C): grad gain and grad proj from registers (per-program
-                            fp32 accumulators, one atomic flush); split: channel tiles, the activation to memory
-  block_bwd_kernel          the same for non-MP, through the time norm (three passes over the frames)
-  weight_grad_kernel        grad conv weight (+ bias): split-K reduction over (frame, pixel) with tl.dot, fp32
-                            atomics into a [C, C, K] buffer
+  _conv_block_mp_forward_kernel   MP forward, all channels of a pixel tile in one program: conv -> mp_silu -> 1x1
+                                  projection (tl.dot from registers) -> gain + mp_add with the residual
+  _conv_block_forward_kernel      non-MP forward: one program sees all T frames of its pixels (the norm is over time)
+  _conv_block_mp_backward_kernel  MP backward except the conv weight and grad_h: recompute y, a; grad residual, dy;
+                                  fused (C <= BWD_FUSE_MAX_C): grad gain and grad proj from registers (per-program
+                                  fp32 accumulators, one atomic flush); split: channel tiles, the activation to memory
+  _conv_block_backward_kernel     the same for non-MP, through the time norm (three passes over the frames)
+The generic conv tile with an epilogue (the split paths, grad_h) and the weight grads are the temporal conv1d's
+kernels (``kernels/temporal_conv1d.py``); ``conv_tile`` there is the implicit GEMM every kernel here builds on.
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from .grid import unravel3, unravel4
-
-# The interpreter (CPU tests) runs numpy per program: one small config, no autotuning sweep.
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+from .grid import INTERPRET, configs, load_mat, pixel_offsets, tile_ptrs, unravel3
+from .temporal_conv1d import conv_tile, silu
 
 # Largest channel count whose full [C, BLOCK_P] activation tile (and the [C, C] projection weight) one program
 # keeps in registers; above it the projection reads the activation back from memory (split path).
@@ -43,33 +37,22 @@ FUSE_MAX_C = 128
 BWD_FUSE_MAX_C = 64
 # channel tile of the split forward's activation stage (non-MP: all T frames of a [SPLIT_BLOCK_C, BLOCK_P] tile)
 SPLIT_BLOCK_C = 16 if INTERPRET else 64
-# weight_grad_kernel's tiles (co, ci, pixels) and warps: fixed, not autotuned, because its atomics would accumulate
-# across autotuning runs; (64, 64, 32) at 8 warps compiles without register spills for sm_90 in fp16 and fp32
-WGRAD_BLOCKS = (16, 16, 16) if INTERPRET else (64, 64, 32)
-WGRAD_WARPS = 4 if INTERPRET else 8
-
-EPI_NONE, EPI_MP_SILU, EPI_MP_OUT, EPI_BIAS_RESIDUAL, EPI_BIAS = 0, 1, 2, 3, 4
 
 
-def _configs(options, interpret_option):
-    """triton.Configs from (meta dict, num_warps) pairs; the interpreter runs numpy per program, so it gets one
-    small config and no autotuning sweep."""
-    if INTERPRET:
-        options = [interpret_option]
+def _config_list(options):
     return [triton.Config(meta, num_warps=warps) for meta, warps in options]
 
 
 # Choices from ptxas register reports for sm_90 (no spills in fp16 at these sizes): the fused kernels hold
 # [BLOCK_C, BLOCK_P] fp32 tiles with BLOCK_C up to 128, so narrow pixel tiles and 8 warps are in the set.
-_CONV_CONFIGS = _configs([(dict(BLOCK_C=64, BLOCK_P=32), 4), (dict(BLOCK_C=64, BLOCK_P=64), 8),
-                          (dict(BLOCK_C=32, BLOCK_P=64), 4)], (dict(BLOCK_C=16, BLOCK_P=16), 4))
-_FUSED_CONFIGS = _configs([(dict(BLOCK_P=16), 8), (dict(BLOCK_P=32), 4), (dict(BLOCK_P=32), 8),
-                           (dict(BLOCK_P=64), 4), (dict(BLOCK_P=64), 8)], (dict(BLOCK_P=16), 4))
+_FUSED_CONFIGS = configs(_config_list([(dict(BLOCK_P=16), 8), (dict(BLOCK_P=32), 4), (dict(BLOCK_P=32), 8),
+                                       (dict(BLOCK_P=64), 4), (dict(BLOCK_P=64), 8)]),
+                         _config_list([(dict(BLOCK_P=16), 4)]))
 # TILES_PER_PROG: pixel tiles one MP backward program walks, so its [C, C] grad-proj partial is flushed with
 # atomics once per TILES_PER_PROG tiles instead of once per tile
-_BWD_CONFIGS = _configs([(dict(BLOCK_P=16, TILES_PER_PROG=4), 8), (dict(BLOCK_P=32, TILES_PER_PROG=4), 4),
-                         (dict(BLOCK_P=32, TILES_PER_PROG=4), 8), (dict(BLOCK_P=64, TILES_PER_PROG=2), 8)],
-                        (dict(BLOCK_P=16, TILES_PER_PROG=2), 4))
+_BWD_CONFIGS = configs(_config_list([(dict(BLOCK_P=16, TILES_PER_PROG=4), 8), (dict(BLOCK_P=32, TILES_PER_PROG=4), 4),
+                                     (dict(BLOCK_P=32, TILES_PER_PROG=4), 8), (dict(BLOCK_P=64, TILES_PER_PROG=2), 8)]),
+                       _config_list([(dict(BLOCK_P=16, TILES_PER_PROG=2), 4)]))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -81,7 +64,7 @@ def _conv_bias_tile(h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C, wc_ptr, sw
     """The non-MP block's temporal conv of frame t of the clip plus its bias, [BLOCK_C, BLOCK_P] fp32 (the forward
     and the backward's recompute both start from it)."""
     y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    return _conv_tile(y, h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C,
+    return conv_tile(y, h_ptr, sh_n, sh_c, h_pix, p_mask, clip0, t, T, C,
                       wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC) + bias[:, None]
 
 
@@ -102,51 +85,6 @@ def _clip_pixel_channel_tile(C, P, T, BLOCK_C: tl.constexpr, BLOCK_P: tl.constex
 
 
 @triton.jit
-def _pixel_offsets(p, W, s_h, s_w):
-    """Flat pixel index -> element offset for any (H, W) strides (int64: a frame can be large)."""
-    p64 = p.to(tl.int64)
-    return (p64 // W) * s_h + (p64 % W) * s_w
-
-
-@triton.jit
-def _tile_ptrs(ptr, n, s_n, s_c, ch, pix):
-    """Pointers of a [channels, pixels] tile of frame n (n is the (b t) index)."""
-    return ptr + n.to(tl.int64) * s_n + ch.to(tl.int64)[:, None] * s_c + pix[None, :]
-
-
-@triton.jit
-def _load_mat(ptr, s_r, s_c, r, r_mask, c, c_mask):
-    """A [rows, cols] weight tile (a transposed view is the same call with the strides swapped)."""
-    return tl.load(ptr + r[:, None] * s_r + c[None, :] * s_c, mask=r_mask[:, None] & c_mask[None, :], other=0.)
-
-
-@triton.jit
-def _conv_tile(acc, x_ptr, s_n, s_c, x_pix, p_mask, clip0, t, T, C_in,
-               w_ptr, s_wo, s_wi, s_wk, co, co_mask, K, PAD,
-               BLOCK_CI: tl.constexpr, PREC: tl.constexpr):
-    """acc[co, p] += sum_k sum_ci w[co, ci, k] * x[clip0 + t + k - PAD, ci, p]: one output frame of the temporal
-    conv as an implicit GEMM; taps outside [0, T) are zero padding (masked loads)."""
-    ci_base = tl.arange(0, BLOCK_CI)
-    for k in range(0, K):
-        tt = t + k - PAD
-        frame_ok = (tt >= 0) & (tt < T)
-        for c0 in range(0, C_in, BLOCK_CI):
-            ci = c0 + ci_base
-            ci_mask = ci < C_in
-            xt = tl.load(_tile_ptrs(x_ptr, clip0 + tt, s_n, s_c, ci, x_pix),
-                         mask=ci_mask[:, None] & p_mask[None, :] & frame_ok, other=0.)
-            wt = tl.load(w_ptr + co[:, None] * s_wo + ci[None, :] * s_wi + k * s_wk,
-                         mask=co_mask[:, None] & ci_mask[None, :], other=0.)
-            acc += tl.dot(wt.to(xt.dtype), xt, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _silu(y):
-    return y / (1. + tl.exp(-y))
-
-
-@triton.jit
 def _silu_parts(y):
     """(silu(y), silu'(y)), fp32."""
     sig = 1. / (1. + tl.exp(-y))
@@ -156,50 +94,9 @@ def _silu_parts(y):
 # ---------------------------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=['C_in', 'C_out', 'T', 'K', 'EPI'])
-@triton.jit
-def conv_epilogue_kernel(
-        x_ptr, sx_n, sx_c, sx_h, sx_w,
-        w_ptr, sw_o, sw_i, sw_k,
-        r_ptr, sr_n, sr_c, sr_h, sr_w,
-        out_ptr, so_n, so_c, so_h, so_w,
-        bias_ptr, gain_ptr, c_out, c_res, silu_scale,
-        N, T, C_in, C_out, P, W, K, PAD,
-        EPI: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-        BLOCK_P: tl.constexpr):
-    """out[n, co, p] = epilogue(conv(x)[n, co, p]); grid: (frame, pixel tile, co tile) flattened, co tile fastest
-    so the programs sharing one pixel tile's input run together (L2 reuse)."""
-    pid = tl.program_id(0)
-    n_ct = tl.cdiv(C_out, BLOCK_C)
-    n_pt = tl.cdiv(P, BLOCK_P)
-    ct, pt, n = unravel3(pid, n_ct, n_pt)
-    t = n % T
-    p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
-    co = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    co_mask = co < C_out
-    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    acc = _conv_tile(acc, x_ptr, sx_n, sx_c, _pixel_offsets(p, W, sx_h, sx_w), p_mask, n - t, t, T, C_in,
-                     w_ptr, sw_o, sw_i, sw_k, co, co_mask, K, PAD, BLOCK_CI, PREC)
-    mask = co_mask[:, None] & p_mask[None, :]
-    if EPI == 1:
-        acc = _silu(acc) * silu_scale
-    elif EPI == 2:
-        res = tl.load(_tile_ptrs(r_ptr, n, sr_n, sr_c, co, _pixel_offsets(p, W, sr_h, sr_w)), mask=mask, other=0.)
-        acc = acc * (c_out * tl.load(gain_ptr).to(tl.float32)) + c_res * res.to(tl.float32)
-    elif EPI == 3:
-        res = tl.load(_tile_ptrs(r_ptr, n, sr_n, sr_c, co, _pixel_offsets(p, W, sr_h, sr_w)), mask=mask, other=0.)
-        bias = tl.load(bias_ptr + co, mask=co_mask, other=0.).to(tl.float32)
-        acc = acc + bias[:, None] + res.to(tl.float32)
-    elif EPI == 4:
-        acc = acc + tl.load(bias_ptr + co, mask=co_mask, other=0.).to(tl.float32)[:, None]
-    out_ptrs = _tile_ptrs(out_ptr, n, so_n, so_c, co, _pixel_offsets(p, W, so_h, so_w))
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K'])
 @triton.jit
-def mp_block_fwd_kernel(
+def _conv_block_mp_forward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
         r_ptr, sr_n, sr_c, sr_h, sr_w,
         out_ptr, so_n, so_c, so_h, so_w,
@@ -220,22 +117,22 @@ def mp_block_fwd_kernel(
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    y = _conv_tile(y, h_ptr, sh_n, sh_c, _pixel_offsets(p, W, sh_h, sh_w), p_mask, n - t, t, T, C,
+    y = conv_tile(y, h_ptr, sh_n, sh_c, pixel_offsets(p, W, sh_h, sh_w), p_mask, n - t, t, T, C,
                    wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC)
-    a = _silu(y) * silu_scale
+    a = silu(y) * silu_scale
     dt = h_ptr.dtype.element_ty
-    wp = _load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
+    wp = load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
     z = tl.dot(wp, a.to(dt), input_precision=PREC)
     mask = c_mask[:, None] & p_mask[None, :]
-    res = tl.load(_tile_ptrs(r_ptr, n, sr_n, sr_c, c, _pixel_offsets(p, W, sr_h, sr_w)), mask=mask, other=0.)
+    res = tl.load(tile_ptrs(r_ptr, n, sr_n, sr_c, c, pixel_offsets(p, W, sr_h, sr_w)), mask=mask, other=0.)
     out = z * (c_out * tl.load(gain_ptr).to(tl.float32)) + c_res * res.to(tl.float32)
-    tl.store(_tile_ptrs(out_ptr, n, so_n, so_c, c, _pixel_offsets(p, W, so_h, so_w)),
+    tl.store(tile_ptrs(out_ptr, n, so_n, so_c, c, pixel_offsets(p, W, so_h, so_w)),
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'])
 @triton.jit
-def block_fwd_kernel(
+def _conv_block_forward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
         r_ptr, sr_n, sr_c, sr_h, sr_w,
         out_ptr, so_n, so_c, so_h, so_w,
@@ -249,11 +146,11 @@ def block_fwd_kernel(
     because the norm is over time per (pixel, channel): pass 1 stores y = conv + bias into ``out`` as scratch
     (cheaper than recomputing the K-tap conv) while summing y^2 over frames; pass 2 reads y back, normalises,
     applies silu and either (FUSE_PROJ, BLOCK_C >= C) projects + adds bias and residual, or stores the activation
-    (split path: ``out`` is then the activation buffer and conv_epilogue_kernel projects it).
+    (split path: ``out`` is then the activation buffer and temporal_conv1d's kernel projects it).
     Grid (clip, pixel tile, channel tile) flattened."""
     clip0, p, p_mask, c, c_mask, mask = _clip_pixel_channel_tile(C, P, T, BLOCK_C, BLOCK_P)
-    h_pix = _pixel_offsets(p, W, sh_h, sh_w)
-    o_pix = _pixel_offsets(p, W, so_h, so_w)
+    h_pix = pixel_offsets(p, W, sh_h, sh_w)
+    o_pix = pixel_offsets(p, W, so_h, so_w)
     bias = tl.load(bc_ptr + c, mask=c_mask, other=0.).to(tl.float32)
     ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for t in range(0, T):
@@ -261,22 +158,22 @@ def block_fwd_kernel(
                             bias, K, PAD, BLOCK_C, BLOCK_CI, BLOCK_P, PREC)
         y = y.to(out_ptr.dtype.element_ty)       # the scratch's rounding, so the norm sums what pass 2 reads
         ss += y.to(tl.float32) * y.to(tl.float32)
-        tl.store(_tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix), y, mask=mask)
+        tl.store(tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix), y, mask=mask)
     # F.normalize: y / max(||y||_t, eps), a division as in torch (at t = 1 it then gives exactly +-1)
     nrm = tl.maximum(tl.sqrt(ss), eps)
     gscale = (norm_scale * tl.load(gamma_ptr + c, mask=c_mask, other=0.).to(tl.float32))[:, None]
     dt = h_ptr.dtype.element_ty
     if FUSE_PROJ:
-        wp = _load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
+        wp = load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
         bp = tl.load(bp_ptr + c, mask=c_mask, other=0.).to(tl.float32)
-        r_pix = _pixel_offsets(p, W, sr_h, sr_w)
+        r_pix = pixel_offsets(p, W, sr_h, sr_w)
     tl.debug_barrier()       # pass 2 reads scratch that other threads of this program wrote
     for t in range(0, T):
-        o_ptrs = _tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix)
+        o_ptrs = tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix)
         y = tl.load(o_ptrs, mask=mask, other=0.).to(tl.float32)
-        a = _silu(y / nrm * gscale)
+        a = silu(y / nrm * gscale)
         if FUSE_PROJ:
-            res = tl.load(_tile_ptrs(r_ptr, clip0 + t, sr_n, sr_c, c, r_pix), mask=mask, other=0.)
+            res = tl.load(tile_ptrs(r_ptr, clip0 + t, sr_n, sr_c, c, r_pix), mask=mask, other=0.)
             a = tl.dot(wp, a.to(dt), input_precision=PREC) + bp[:, None] + res.to(tl.float32)
         tl.store(o_ptrs, a.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -290,13 +187,13 @@ def _proj_t_tile(g_ptr, sg_n, sg_c, g_pix, p_mask, n, C, wp_ptr, swp_o, swp_i, c
     """da[c, p] = sum_co wp[co, c] * g[n, co, p]: the 1x1 projection's input gradient for a channel tile, reading
     all of g's channels from memory (split path); a K=1 conv with the transposed weight."""
     da = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    return _conv_tile(da, g_ptr, sg_n, sg_c, g_pix, p_mask, n, 0, 1, C, wp_ptr, swp_i, swp_o, 0, c, c_mask, 1, 0,
+    return conv_tile(da, g_ptr, sg_n, sg_c, g_pix, p_mask, n, 0, 1, C, wp_ptr, swp_i, swp_o, 0, c, c_mask, 1, 0,
                       BLOCK_CI, PREC)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'], reset_to_zero=['dwp_ptr', 'dgain_ptr'])
 @triton.jit
-def mp_block_bwd_kernel(
+def _conv_block_mp_backward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
         g_ptr, sg_n, sg_c, sg_h, sg_w,
         dres_ptr, dy_ptr, a_ptr,
@@ -323,8 +220,8 @@ def mp_block_bwd_kernel(
     dt = h_ptr.dtype.element_ty
     gain = tl.load(gain_ptr).to(tl.float32)
     if FUSE_PROJ:
-        wp = _load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
-        wp_t = _load_mat(wp_ptr, swp_i, swp_o, c, c_mask, c, c_mask).to(dt)
+        wp = load_mat(wp_ptr, swp_o, swp_i, c, c_mask, c, c_mask).to(dt)
+        wp_t = load_mat(wp_ptr, swp_i, swp_o, c, c_mask, c, c_mask).to(dt)
     dwp = tl.zeros([BLOCK_C, BLOCK_C], tl.float32)
     dgain = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for i in range(0, TILES_PER_PROG):
@@ -332,12 +229,12 @@ def mp_block_bwd_kernel(
         p_mask = p < P
         mask = c_mask[:, None] & p_mask[None, :]
         y = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        y = _conv_tile(y, h_ptr, sh_n, sh_c, _pixel_offsets(p, W, sh_h, sh_w), p_mask, n - t, t, T, C,
+        y = conv_tile(y, h_ptr, sh_n, sh_c, pixel_offsets(p, W, sh_h, sh_w), p_mask, n - t, t, T, C,
                        wc_ptr, swc_o, swc_i, swc_k, c, c_mask, K, PAD, BLOCK_CI, PREC)
         act, dact = _silu_parts(y)
         a = (act * silu_scale).to(dt)
-        g_pix = _pixel_offsets(p, W, sg_h, sg_w)
-        g = tl.load(_tile_ptrs(g_ptr, n, sg_n, sg_c, c, g_pix), mask=mask, other=0.).to(tl.float32)
+        g_pix = pixel_offsets(p, W, sg_h, sg_w)
+        g = tl.load(tile_ptrs(g_ptr, n, sg_n, sg_c, c, g_pix), mask=mask, other=0.).to(tl.float32)
         own = n.to(tl.int64) * C * P + c[:, None].to(tl.int64) * P + p[None, :]     # contiguous outputs
         tl.store(dres_ptr + own, (c_res * g).to(dres_ptr.dtype.element_ty), mask=mask)
         if FUSE_PROJ:
@@ -358,7 +255,7 @@ def mp_block_bwd_kernel(
 @triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'],
                  reset_to_zero=['dwp_ptr', 'dbp_ptr', 'dgamma_ptr'])
 @triton.jit
-def block_bwd_kernel(
+def _conv_block_backward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
         g_ptr, sg_n, sg_c, sg_h, sg_w,
         dres_ptr, dy_ptr, y_ptr, a_ptr,
@@ -379,8 +276,8 @@ def block_bwd_kernel(
     (grad proj is reduced from it afterwards) and the projection's input grad reads all of g from memory.
     Grid: (clip, pixel tile, channel tile) flattened."""
     clip0, p, p_mask, c, c_mask, mask = _clip_pixel_channel_tile(C, P, T, BLOCK_C, BLOCK_P)
-    h_pix = _pixel_offsets(p, W, sh_h, sh_w)
-    g_pix = _pixel_offsets(p, W, sg_h, sg_w)
+    h_pix = pixel_offsets(p, W, sh_h, sh_w)
+    g_pix = pixel_offsets(p, W, sg_h, sg_w)
     own = c[:, None].to(tl.int64) * P + p[None, :]          # the contiguous buffers, frame offset added below
     dt = h_ptr.dtype.element_ty
     bias = tl.load(bc_ptr + c, mask=c_mask, other=0.).to(tl.float32)
@@ -398,7 +295,7 @@ def block_bwd_kernel(
     gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.).to(tl.float32)
     gscale = (norm_scale * gamma)[:, None]
     if FUSE_PROJ:
-        wp_t = _load_mat(wp_ptr, swp_i, swp_o, c, c_mask, c, c_mask).to(dt)
+        wp_t = load_mat(wp_ptr, swp_i, swp_o, c, c_mask, c, c_mask).to(dt)
     dwp = tl.zeros([BLOCK_C, BLOCK_C], tl.float32)
     dbp = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     dgamma = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -409,7 +306,7 @@ def block_bwd_kernel(
         u = tl.load(y_ptr + frame + own, mask=mask, other=0.).to(tl.float32) / nrm
         s = u * gscale
         act, dact = _silu_parts(s)
-        g = tl.load(_tile_ptrs(g_ptr, clip0 + t, sg_n, sg_c, c, g_pix), mask=mask, other=0.)
+        g = tl.load(tile_ptrs(g_ptr, clip0 + t, sg_n, sg_c, c, g_pix), mask=mask, other=0.)
         tl.store(dres_ptr + frame + own, g.to(dres_ptr.dtype.element_ty), mask=mask)
         if FUSE_PROJ:
             gd = g.to(dt)
@@ -436,50 +333,3 @@ def block_bwd_kernel(
         tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :])
     tl.atomic_add(dbp_ptr + c, tl.sum(dbp, axis=1), mask=c_mask)
     tl.atomic_add(dgamma_ptr + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)
-
-
-@triton.jit
-def weight_grad_kernel(
-        dy_ptr, sd_n, sd_c, sd_h, sd_w,
-        x_ptr, sx_n, sx_c, sx_h, sx_w,
-        dw_ptr, db_ptr,
-        N, T, C_out, C_in, P, W, K, PAD, rows_per_prog,
-        HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dw[co, ci, k] += sum over (frame n, pixel p) of dy[n, co, p] * x[n + k - PAD, ci, p] (same clip), and
-    db[co] += sum dy (HAS_BIAS). A GEMM whose reduction axis is every (frame, pixel): split-K, each program
-    reduces ``rows_per_prog`` (frame, pixel tile) rows in fp32 and flushes one atomic add of its [co, ci] tile.
-    Grid: (split, tap, co tile, ci tile) flattened."""
-    pid = tl.program_id(0)
-    n_co = tl.cdiv(C_out, BLOCK_CO)
-    n_ci = tl.cdiv(C_in, BLOCK_CI)
-    cit, cot, k, split = unravel4(pid, n_ci, n_co, K)
-    co = cot * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci = cit * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    co_mask = co < C_out
-    ci_mask = ci < C_in
-    n_pt = tl.cdiv(P, BLOCK_P)
-    rows = N * n_pt
-    acc = tl.zeros([BLOCK_CO, BLOCK_CI], tl.float32)
-    dbias = tl.zeros([BLOCK_CO], tl.float32)
-    for i in range(0, rows_per_prog):
-        row = split * rows_per_prog + i
-        n = row // n_pt
-        p = (row % n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = (p < P) & (row < rows)
-        t = n % T
-        tt = t + k - PAD
-        frame_ok = (tt >= 0) & (tt < T)
-        d = tl.load(_tile_ptrs(dy_ptr, n, sd_n, sd_c, co, _pixel_offsets(p, W, sd_h, sd_w)),
-                    mask=co_mask[:, None] & p_mask[None, :], other=0.)
-        # x tile loaded as [pixels, ci] (transposed by its pointers, no tl.trans)
-        x_pix = _pixel_offsets(p, W, sx_h, sx_w)
-        xs = tl.load(x_ptr + (n - t + tt).to(tl.int64) * sx_n + x_pix[:, None] + ci.to(tl.int64)[None, :] * sx_c,
-                     mask=p_mask[:, None] & ci_mask[None, :] & frame_ok, other=0.)
-        acc += tl.dot(d.to(xs.dtype), xs, input_precision=PREC)
-        if HAS_BIAS:
-            dbias += tl.sum(d.to(tl.float32), axis=1)
-    tl.atomic_add(dw_ptr + co[:, None] * (C_in * K) + ci[None, :] * K + k, acc,
-                  mask=co_mask[:, None] & ci_mask[None, :])
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + co, dbias, mask=co_mask & (k == 0) & (cit == 0))

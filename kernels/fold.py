@@ -13,12 +13,10 @@ whatever axis has stride 1, e.g. c for a channels_last input), and converts betw
 memory: that conversion is the transpose, and both global accesses stay coalesced.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from .grid import unravel4
+from .grid import configs, pixel_offsets, unravel4
 
 # (BLOCK_Q, BLOCK_P, num_warps). Q is T (<= 64 in practice, 16 for the issue's shapes) for layout 'c t' and C
 # (up to 768) for 't c'; small Q wants a narrow, long tile, large Q a squarer one. 16-32 KiB of bf16 per
@@ -31,24 +29,7 @@ _GPU_CONFIGS = [
     triton.Config({'BLOCK_Q': 64, 'BLOCK_P': 64}, num_warps=4),
     triton.Config({'BLOCK_Q': 64, 'BLOCK_P': 128}, num_warps=8),
 ]
-# The interpreter cannot time configs, and small tiles make the tiny test shapes cross tile borders (tails).
-_INTERPRET_CONFIGS = [triton.Config({'BLOCK_Q': 16, 'BLOCK_P': 16}, num_warps=1)]
-CONFIGS = _INTERPRET_CONFIGS if os.environ.get('TRITON_INTERPRET', '0') == '1' else _GPU_CONFIGS
-
-
-@triton.jit
-def _frames_offset(b, t, c, p, T, W, s_bt, s_c, s_h, s_w, HW_MERGED: tl.constexpr):
-    """Element offset in (b t) c h w for any strides. b, t, c are int64; p is int32 (p < H*W < 2**31).
-
-    HW_MERGED: h and w can be walked as one axis p with stride s_w (contiguous and channels_last tensors),
-    which keeps p's contiguity visible to the compiler; otherwise p is split into (h, w) per element.
-    """
-    off = (b * T + t) * s_bt + c * s_c
-    if HW_MERGED:
-        off += p.to(tl.int64) * s_w
-    else:
-        off += (p // W).to(tl.int64) * s_h + (p % W).to(tl.int64) * s_w
-    return off
+CONFIGS = configs(_GPU_CONFIGS, [triton.Config({'BLOCK_Q': 16, 'BLOCK_P': 16}, num_warps=1)])
 
 
 @triton.jit
@@ -59,7 +40,7 @@ def _folded_offset(b, t, c, p, P, s_n, s_c, s_t):
 
 @triton.autotune(configs=CONFIGS, key=['Q', 'R', 'TILE_T', 'TO_FOLDED', 'HW_MERGED'])
 @triton.jit
-def fold_frames_kernel(src, dst, T, W, P, Q, R,
+def _fold_frames_kernel(src, dst, T, W, P, Q, R,
                        f_bt, f_c, f_h, f_w,     # frames strides (source or destination)
                        g_n, g_c, g_t,           # folded strides: of (b h w), c and t whatever the layout
                        TILE_T: tl.constexpr,    # q is t (layout 'c t'); else q is c (layout 't c')
@@ -81,7 +62,8 @@ def fold_frames_kernel(src, dst, T, W, P, Q, R,
     else:
         t = r
         c = q
-    frames = _frames_offset(b, t, c, p, T, W, f_bt, f_c, f_h, f_w, HW_MERGED)
+    # b, t, c are int64; p is int32 (p < H*W < 2**31)
+    frames = (b * T + t) * f_bt + c * f_c + pixel_offsets(p, W, f_h, f_w, HW_MERGED)
     folded = _folded_offset(b, t, c, p, P, g_n, g_c, g_t)
     if TO_FOLDED:
         tl.store(dst + folded, tl.load(src + frames, mask=mask), mask=mask)

@@ -1,4 +1,4 @@
-"""Triton kernels for temporal down/upsampling by 2 (``lumiere_fast/ops/resample.py`` launches them).
+"""Triton kernels for temporal down/upsampling by 2 (``lumiere_fast/ops/resample.py`` holds the launchers).
 
 Every variant, forward and backward-for-the-input, is one temporal 3-tap convolution whose taps read a blend of
 source frames:
@@ -22,12 +22,10 @@ All tensors are frames ``(b t) c h w`` with arbitrary strides: the fold to time-
 math (frame * s_f + channel * s_c + h * s_h + w * s_w), never as a copy.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from .grid import unravel3, unravel4
+from .grid import configs, pixel_offsets, unravel3, unravel4
 
 MODE_DOWN = 0
 MODE_UP = 1
@@ -38,27 +36,24 @@ MODE_INTERP_ADJ = 3
 # not on batch or spatial size, which only change the number of programs.
 _KEY = ['C', 'T_SRC', 'T_OUT', 'MODE', 'NSRC']
 
-if os.environ.get('TRITON_INTERPRET', '0') == '1':
-    # The interpreter runs numpy per program: one small config, no benchmarking, and tiles small enough that
-    # tests with C = 19 or h*w = 35 exercise the tails (several channel and pixel tiles).
-    GEMM_CONFIGS = [triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 32}, num_warps=1)]
-    DW_CONFIGS = [triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 32}, num_warps=1)]
-else:
-    GEMM_CONFIGS = [
-        triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 128}, num_warps=4, num_stages=2),
-        triton.Config({'BLOCK_CO': 32, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=4, num_stages=3),
-        triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=4, num_stages=3),
-        triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
-        triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
-        triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
-    ]
-    DW_CONFIGS = [
-        triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 128}, num_warps=4, num_stages=2),
-        triton.Config({'BLOCK_CO': 32, 'BLOCK_CI': 32, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
-        triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
-        triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
-        triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
-    ]
+# Under the interpreter: tiles small enough that tests with C = 19 or h*w = 35 exercise the tails (several
+# channel and pixel tiles).
+_INTERPRET_CONFIGS = [triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 32}, num_warps=1)]
+GEMM_CONFIGS = configs([
+    triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 128}, num_warps=4, num_stages=2),
+    triton.Config({'BLOCK_CO': 32, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=4, num_stages=3),
+    triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=4, num_stages=3),
+    triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
+    triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
+    triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
+], _INTERPRET_CONFIGS)
+DW_CONFIGS = configs([
+    triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 128}, num_warps=4, num_stages=2),
+    triton.Config({'BLOCK_CO': 32, 'BLOCK_CI': 32, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
+    triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
+    triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
+    triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
+], _INTERPRET_CONFIGS)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -143,21 +138,9 @@ def _load_tap(src_ptr, frame0, s_f, offs, mask, j, k, T_SRC, T_MID, T_OUT, scale
     return tile
 
 
-@triton.jit
-def _pix_offsets(p, W_IMG, s_h, s_w, MERGED: tl.constexpr):
-    """Element offset of flat pixel p = h * W + w in a frame with strides (s_h, s_w), int64.
-
-    MERGED (s_h == W * s_w, e.g. contiguous or channels_last frames): p walks with one stride, which lets the
-    compiler see contiguous pixels (vector loads) instead of a per-element (h, w) split.
-    """
-    if MERGED:
-        return p.to(tl.int64) * s_w
-    return (p // W_IMG).to(tl.int64) * s_h + (p % W_IMG).to(tl.int64) * s_w
-
-
 @triton.autotune(configs=GEMM_CONFIGS, key=_KEY, prune_configs_by={'early_config_prune': _prune})
 @triton.jit
-def resample_kernel(src_ptr, w_ptr, b_ptr, y_ptr,
+def _resample_kernel(src_ptr, w_ptr, b_ptr, y_ptr,
                     C, T_SRC, T_OUT, T_MID, P, W_IMG, scale,
                     s_f, s_c, s_h, s_w,                 # source strides, frames layout
                     w_o, w_i, w_k,                      # W_k[o, i] = w_ptr[o * w_o + i * w_i + k * w_k]
@@ -180,7 +163,7 @@ def resample_kernel(src_ptr, w_ptr, b_ptr, y_ptr,
     p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     co_ok = co < C
     p_ok = p < P
-    pix = _pix_offsets(p, W_IMG, s_h, s_w, SRC_MERGED)
+    pix = pixel_offsets(p, W_IMG, s_h, s_w, SRC_MERGED)
     dot_ty = src_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_CO, BLOCK_P], dtype=tl.float32)
@@ -198,20 +181,20 @@ def resample_kernel(src_ptr, w_ptr, b_ptr, y_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
     y_off = (bi * T_OUT + j).to(tl.int64) * y_f + co[:, None].to(tl.int64) * y_c \
-        + _pix_offsets(p, W_IMG, y_h, y_w, Y_MERGED)[None, :]
+        + pixel_offsets(p, W_IMG, y_h, y_w, Y_MERGED)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
 def _load_grad(g_frame, co, p, co_ok, p_ok, g_c, W_IMG, g_h, g_w, G_MERGED: tl.constexpr):
     """The [CO, P] tile of one grad_out frame."""
-    return tl.load(g_frame + co[:, None].to(tl.int64) * g_c + _pix_offsets(p, W_IMG, g_h, g_w, G_MERGED)[None, :],
+    return tl.load(g_frame + co[:, None].to(tl.int64) * g_c + pixel_offsets(p, W_IMG, g_h, g_w, G_MERGED)[None, :],
                    mask=co_ok[:, None] & p_ok[None, :], other=0.0)
 
 
 @triton.autotune(configs=DW_CONFIGS, key=_KEY, prune_configs_by={'early_config_prune': _prune})
 @triton.jit
-def resample_dw_kernel(src_ptr, g_ptr, dw_ptr, db_ptr,
+def _resample_weight_grad_kernel(src_ptr, g_ptr, dw_ptr, db_ptr,
                        C, T_SRC, T_OUT, T_MID, P, W_IMG, scale,
                        BT_OUT, BJ_PER, P_PER, SPLIT_P,
                        s_f, s_c, s_h, s_w,                 # forward input strides
@@ -260,7 +243,7 @@ def resample_dw_kernel(src_ptr, g_ptr, dw_ptr, db_ptr,
                 if HAS_BIAS:        # cheap next to the GEMM; only the bias programs store it
                     acc_b += tl.sum(g.to(tl.float32), axis=1)
                 # the tap tile as [P, CI], so the GEMM is [CO, P] @ [P, CI]
-                offs = _pix_offsets(p, W_IMG, s_h, s_w, SRC_MERGED)[:, None] + ci[None, :].to(tl.int64) * s_c
+                offs = pixel_offsets(p, W_IMG, s_h, s_w, SRC_MERGED)[:, None] + ci[None, :].to(tl.int64) * s_c
                 x = _load_tap(src_ptr, bi * T_SRC, s_f, offs, p_ok[:, None] & ci_ok[None, :],
                               j, k, T_SRC, T_MID, T_OUT, scale, MODE, NSRC, BLOCK_P, BLOCK_CI)
                 acc += tl.dot(g.to(dot_ty), x.to(dot_ty), input_precision=DOT_PREC)

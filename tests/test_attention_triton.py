@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_rel, compile_for_sm90, perturb_, strided_frames
+from helpers import assert_close_rel, compile_for_sm90, perturb_, strided_frames
 from lumiere_fast import backend
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import attention as att
@@ -394,52 +394,27 @@ def test_tf32_gpu(monkeypatch):
 
 # ------------------------------------------------------------------------------ GPU compile without a GPU
 
-_COMPILE_SCRIPT = r'''
-import os
-os.environ.pop('TRITON_INTERPRET', None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_CALLS = r'''
 from lumiere_fast.kernels import attention as K
-FLOATS = {'c_out', 'c_res', 'norm_scale', 'sm_scale', 'eps', 'rms_scale', 'rms_eps'}
-F32_BUFFERS = {'dmem_ptr', 'part_ptr'}
-
-
-def f32_buffers(kernel):
-    # weight_grad_kernel's g_ptr is its fp32 accumulator; elsewhere g_ptr is the RMSNorm gain
-    return F32_BUFFERS | ({'g_ptr'} if kernel.__name__ == 'weight_grad_kernel' else set())
-
-def compile_for_h100(kernel, consts, dt='bf16', warps=4):
-    fn = kernel
-    while not isinstance(fn, triton.JITFunction):
-        fn = fn.fn
-    def arg_type(a):
-        if a.endswith('_ptr'):
-            return '*fp32' if a in f32_buffers(fn.fn) else '*' + dt
-        return 'fp32' if a in FLOATS else 'i32'
-    sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
-
 for mp, has_g, has_mem, block_r, block_d, dt, prec, warps in [
         (True, False, True, 32, 64, 'bf16', 'ieee', 8), (False, True, False, 32, 128, 'fp32', 'tf32', 8)]:
     meta = dict(MP=mp, HAS_G=has_g, HAS_MEM=has_mem, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_CK=32,
                 BLOCK_M=16)
-    compile_for_h100(K.attn_core_kernel, dict(meta, WRITE_LSE=not mp), dt=dt, warps=warps)
+    compile_for_h100(K._attention_core_kernel, dict(meta, WRITE_LSE=not mp), dt=dt, warps=warps)
     if mp:      # (each variant once: ptxas time adds up on CI's CPUs)
-        compile_for_h100(K.attn_core_bwd_kernel, meta, dt=dt, warps=warps)
-    compile_for_h100(K.attn_core_bwd_long_kernel, dict(meta, DKV=mp), dt=dt, warps=warps)
-compile_for_h100(K.linear_mp_add_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee', BLOCK_CI=32,
+        compile_for_h100(K._attention_core_backward_kernel, meta, dt=dt, warps=warps)
+    compile_for_h100(K._attention_core_backward_long_kernel, dict(meta, DKV=mp), dt=dt, warps=warps)
+compile_for_h100(K._attention_linear_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee', BLOCK_CI=32,
                                               BLOCK_CO=64, BLOCK_P=64))
-compile_for_h100(K.weight_grad_kernel, dict(PREC='tf32', BLOCK_A=64, BLOCK_B=64, BLOCK_P=32), dt='fp32', warps=8)
-compile_for_h100(K.rms_norm_bwd_kernel, dict(HAS_RES=True, BLOCK_C=64, BLOCK_P=64))
-compile_for_h100(K.channel_sum_kernel, dict(HAS_B=True, BLOCK_C=64, BLOCK_P=64))
-print('compiled')
+compile_for_h100(K._attention_rms_norm_backward_kernel, dict(HAS_RES=True, BLOCK_C=64, BLOCK_P=64))
+compile_for_h100(K._attention_channel_sum_kernel, dict(HAS_B=True, BLOCK_C=64, BLOCK_P=64))
 '''
+FLOATS = {'c_out', 'c_res', 'norm_scale', 'sm_scale', 'eps', 'rms_scale', 'rms_eps'}
+F32_BUFFERS = {'dmem_ptr', 'part_ptr'}
 
 
 @pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter never lowers the kernels: compile them for sm_90 through ptxas, so a GPU-only lowering
     error fails here too."""
-    compile_for_sm90(_COMPILE_SCRIPT)
+    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS)

@@ -15,7 +15,7 @@ import torch
 
 from lumiere_fast import backend
 from lumiere_fast.ops import temporal_conv1d, temporal_conv1d_ref
-from conftest import strided_frames
+from helpers import compile_for_sm90, strided_frames
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='GPU test: no CUDA device on this machine')
 
@@ -82,11 +82,11 @@ def test_triton_conv1d_fp16_against_the_fp32_reference(poison_and_ieee):
 
 
 def test_triton_conv1d_opcheck_and_compile_without_graph_break(poison_and_ieee):
-    from lumiere_fast.ops.temporal_conv1d import _triton_op
+    from lumiere_fast.ops.temporal_conv1d import _temporal_conv1d_op
     torch.manual_seed(2)
     x, w, bb = torch.randn(4, 3, 2, 3), torch.randn(5, 3, 3), torch.randn(5)
-    torch.library.opcheck(_triton_op, (x, w, bb, 2))
-    torch.library.opcheck(_triton_op, (x, w, None, 2))
+    torch.library.opcheck(_temporal_conv1d_op, (x, w, bb, 2))
+    torch.library.opcheck(_temporal_conv1d_op, (x, w, None, 2))
 
     def fn(x, w, bb):
         return temporal_conv1d(x, w, bb, batch=2).square().sum()
@@ -119,3 +119,21 @@ def test_triton_conv1d_on_gpu(poison_and_ieee, dtype, tol):
     ref, g_ref = _grads(lambda *a: temporal_conv1d_ref(*a), x.float(), w.float(), bb.float(), b, cot.float())
     for name, a, r in (('out', ours, ref), *zip(('x', 'weight', 'bias'), g_ours, g_ref)):
         assert _rel(a, r) < tol, f'{name}: relative error {_rel(a, r):.3g}'
+
+
+# ------------------------------------------------------------------------------ GPU compile without a GPU
+
+_COMPILE_CALLS = r'''
+from lumiere_fast.kernels import temporal_conv1d as K
+compile_for_h100(K._temporal_conv1d_kernel, dict(EPI=K.EPI_MP_OUT, PREC='ieee', BLOCK_C=64, BLOCK_CI=32, BLOCK_P=32),
+                 warps=8)
+compile_for_h100(K._temporal_conv1d_weight_grad_kernel,
+                 dict(HAS_BIAS=True, PREC='tf32', BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=32), dt='fp32', warps=8)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter never lowers the kernels: compile the conv (an epilogue with a residual) in bf16 and the
+    TF32 weight grad for sm_90 through ptxas, so a GPU-only lowering error fails here too."""
+    compile_for_sm90(_COMPILE_CALLS, f32_buffers={'dw_ptr', 'db_ptr'}, floats={'c_out', 'c_res', 'silu_scale'})

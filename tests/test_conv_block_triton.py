@@ -13,7 +13,7 @@ import torch
 
 from lumiere_fast.ops import _triton
 
-from conftest import assert_close_rel, compile_for_sm90, perturb_, strided_frames
+from helpers import assert_close_rel, compile_for_sm90, perturb_, strided_frames
 from lumiere_fast import backend
 from lumiere_fast.ops import conv_block as cb
 
@@ -258,42 +258,21 @@ def test_past_int32_offsets_gpu():
 
 # ------------------------------------------------------------------------------ GPU compile without a GPU
 
-_COMPILE_SCRIPT = r'''
-import os, sys
-os.environ.pop('TRITON_INTERPRET', None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_CALLS = r'''
 from lumiere_fast.kernels import conv_block as K
-F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dw_ptr', 'db_ptr', 'dbp_ptr', 'dgamma_ptr'}
-FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}
-
-def compile_for_h100(kernel, consts, dt='bf16', warps=8):
-    fn = kernel
-    while not isinstance(fn, triton.JITFunction):
-        fn = fn.fn
-    def arg_type(a):
-        if a.endswith('_ptr'):
-            return '*fp32' if a in F32_BUFFERS else '*' + dt
-        return 'fp32' if a in FLOATS else 'i32'
-    sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
-
 P = dict(PREC='ieee', BLOCK_P=32)
-compile_for_h100(K.conv_epilogue_kernel, dict(EPI=K.EPI_MP_OUT, BLOCK_C=64, BLOCK_CI=32, **P))
-compile_for_h100(K.mp_block_fwd_kernel, dict(BLOCK_C=128, BLOCK_CI=32, **P))
-compile_for_h100(K.block_fwd_kernel, dict(FUSE_PROJ=True, BLOCK_C=128, BLOCK_CI=32, **P))
-compile_for_h100(K.mp_block_bwd_kernel, dict(FUSE_PROJ=True, BLOCK_C=64, BLOCK_CI=32, TILES_PER_PROG=4, **P))
-compile_for_h100(K.block_bwd_kernel, dict(FUSE_PROJ=False, BLOCK_C=64, BLOCK_CI=32, **P))
-compile_for_h100(K.weight_grad_kernel, dict(HAS_BIAS=True, PREC='tf32', BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=32),
-                 dt='fp32')
-print('compiled')
+compile_for_h100(K._conv_block_mp_forward_kernel, dict(BLOCK_C=128, BLOCK_CI=32, **P), warps=8)
+compile_for_h100(K._conv_block_forward_kernel, dict(FUSE_PROJ=True, BLOCK_C=128, BLOCK_CI=32, **P), warps=8)
+compile_for_h100(K._conv_block_mp_backward_kernel, dict(FUSE_PROJ=True, BLOCK_C=64, BLOCK_CI=32, TILES_PER_PROG=4, **P),
+                 warps=8)
+compile_for_h100(K._conv_block_backward_kernel, dict(FUSE_PROJ=False, BLOCK_C=64, BLOCK_CI=32, **P), warps=8)
 '''
+F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dbp_ptr', 'dgamma_ptr'}
+FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}
 
 
 @pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter never lowers the kernels: compile one variant of each (bf16 fused and split paths, fp32
-    TF32 weight grad) for sm_90 through ptxas, so a GPU-only lowering error fails here too."""
-    compile_for_sm90(_COMPILE_SCRIPT)
+    """The interpreter never lowers the kernels: compile one variant of each (bf16 fused and split paths) for
+    sm_90 through ptxas, so a GPU-only lowering error fails here too."""
+    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lumiere_fast as ours
-from conftest import PARITY_RTOL, SMALL_UNET_NAMES, assert_close_rel, perturb_, rel_err, small_unet
+from helpers import PARITY_RTOL, SMALL_UNET_NAMES, assert_close_rel, perturb_, rel_err, small_unet
 
 upstream = pytest.importorskip('lumiere_pytorch', reason='parity tests need lumiere-pytorch==0.0.24 (the test extra)')
 

@@ -17,7 +17,7 @@ import torch
 from lumiere_fast.ops import _triton
 
 import lumiere_fast as lf
-from conftest import PARITY_RTOL, assert_close_rel, perturb_
+from helpers import PARITY_RTOL, assert_close_rel, perturb_
 from lumiere_fast import backend
 from lumiere_fast.ops import resample as R
 
@@ -146,16 +146,16 @@ def test_poison_catches_an_unwritten_element(monkeypatch):
     monkeypatch.setattr(R, 'grid_1d', lambda n: (max(1, n - 1),))
     x = torch.randn(2 * 2, 5, 1, 3, device=DEVICE)
     w = torch.randn(5, 5, 3, device=DEVICE)
-    y = R._resample_triton(x, w, None, 2, 'down')
+    y = R._temporal_resample_forward(x, w, None, 2, 'down')
     assert torch.isnan(y).any() and not torch.isnan(y[:1]).any()
-    gw, _ = R._resample_grad_weight(torch.randn_like(y), x, w, 2, 'down', False)
+    _, gw, _ = R._temporal_resample_backward(torch.randn_like(y), x, w, 2, 'down', 2, False, False, True)
     assert torch.isnan(gw).any()
 
 
 def test_dw_split_covers_every_pixel_and_frame():
     """The weight-gradient reduction is cut into (frames, pixel-chunk) splits; every element lands in one."""
     for bt_out, p, c in [(1, 1, 1), (3, 35, 19), (8, 1000, 5), (2, 17, 300)]:
-        sbj, sp, p_per = R._dw_split(bt_out, p, c, torch.device('cpu'))
+        sbj, sp, p_per = R._dw_split(bt_out, p, c, torch.empty(0))
         assert 1 <= sbj <= bt_out and sp >= 1 and p_per >= 1
         assert (sp - 1) * p_per < p <= sp * p_per
 
@@ -236,10 +236,10 @@ def test_opcheck(mode):
     x = torch.randn(2 * t, 3, 1, 2, device=DEVICE, requires_grad=True)
     w = torch.randn(3, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(3, device=DEVICE, requires_grad=True) if has_bias else None
-    torch.library.opcheck(R._resample_triton, (x, w, b, 2, mode))
+    torch.library.opcheck(R._temporal_resample_op, (x, w, b, 2, mode))
     g = torch.randn(2 * R._frames_out(mode, t), 3, 1, 2, device=DEVICE)
-    torch.library.opcheck(R._resample_grad_input, (g, w.detach(), 2, mode, t))
-    torch.library.opcheck(R._resample_grad_weight, (g, x.detach(), w.detach(), 2, mode, has_bias))
+    torch.library.opcheck(R._temporal_resample_backward_op, (g, x.detach(), w.detach(), 2, mode, t, has_bias, True, True))
+    torch.library.opcheck(R._temporal_resample_backward_op, (g, None, w.detach(), 2, mode, t, has_bias, True, False))
 
 
 @pytest.mark.parametrize('name', ['temporal_upsample', 'mp_temporal_downsample'])

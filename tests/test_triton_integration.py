@@ -13,7 +13,7 @@ import torch
 
 import lumiere_fast as lf
 from lumiere_fast import backend
-from conftest import SMALL_UNET_NAMES, assert_close_rel, perturb_, small_unet
+from helpers import SMALL_UNET_NAMES, assert_close_rel, perturb_, small_unet
 
 # fp32 through the interpreter: the kernels sum in another order than cuDNN/ATen (tile by tile)
 RTOL = 1e-4

@@ -13,5 +13,6 @@ from .mp_math import mp_add, mp_silu, pixel_norm
 from .resample import (mp_temporal_downsample, mp_temporal_downsample_ref, mp_temporal_upsample,
                        mp_temporal_upsample_ref, temporal_downsample, temporal_downsample_ref, temporal_upsample,
                        temporal_upsample_ref)
-from .temporal_conv1d import extension_status, temporal_conv1d, temporal_conv1d_ref
+from .extension import extension_status
+from .temporal_conv1d import temporal_conv1d, temporal_conv1d_ref
 from .weight_norm import mp_weight, mp_weight_ref, normalize_weight, renormalize_

@@ -1,20 +1,28 @@
 """Glue shared by the Triton launchers in ``ops/``: when a Triton kernel runs, and small launch helpers.
 
-The pattern every op with a kernel follows (one op, one place: ``ops/<op>.py``):
+Every op file ``ops/<op>.py`` follows one template, in this order:
 
-    def <op>_ref(...):                       # plain PyTorch: the spec
+    def _check...(...):                        # checks: ValueError/TypeError naming expected vs received
+    def <op>_ref(...):                         # plain PyTorch: the spec
+    def _kernels():                            # from ..kernels import <op> as k; return k  (see below)
+    def _<op>_forward(...), _<op>_backward(...)    # launchers: plain functions, grids from sizes, kernels/<op>.py
     @torch.library.custom_op('lumiere_fast::<op>', mutates_args=())
-    def _<op>_triton(...) -> Tensor:        # launcher: grid from sizes, calls kernels/<op>.py
-    @_<op>_triton.register_fake             # shapes only, so torch.compile traces it without a graph break
-    _<op>_triton.register_autograd(...)     # backward: Triton kernels (or a recompute, said in the docstring)
-    def <op>(...):                           # validation + dispatch: use_triton(...) ? _<op>_triton : <op>_ref
+    def _<op>_op(...) -> Tensor                # calls _<op>_forward
+    @torch.library.custom_op('lumiere_fast::<op>_backward', mutates_args=())
+    def _<op>_backward_op(...)                 # calls _<op>_backward
+    register_fake on both                      # shapes only, so torch.compile traces them without a graph break
+    _<op>_op.register_autograd(...)            # backward through _<op>_backward_op
+    def <op>(...):                             # public dispatch, last: use_triton(...) ? _<op>_op : <op>_ref
 
-Kernels live in ``lumiere_fast.kernels.<op>`` and are imported inside the launcher, not at module import: under
-``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is decorated, and plain CPU users
-should not pay for importing Triton at all.
+Kernels live in ``lumiere_fast.kernels.<op>`` (``kernels/<op>.py``) and every op file imports them one way, lazily,
+inside the launchers: ``def _kernels(): from ..kernels import <op> as k; return k``. Lazy because under
+``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is decorated, and because plain CPU
+users should not pay for importing Triton at all.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -42,6 +50,35 @@ def grid_1d(n_programs: int) -> tuple[int]:
     return (max(1, n_programs),)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes: ``triton.cdiv``, without importing Triton where no kernel runs."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def dot_block(n: int, cap: int | None = None) -> int:
+    """A tile size covering n along one tl.dot axis: a power of two, >= 16 (tl.dot's minimum), at most ``cap``."""
+    block = max(16, pow2(n))
+    return block if cap is None else min(block, cap)
+
+
+def target_programs(x: torch.Tensor, interpreted: int = 4) -> int:
+    """How many programs a split-K reduction should spread over: about 4 per SM on a GPU; under the interpreter a
+    few programs, each looping, are as fast as many (``interpreted``)."""
+    if x.is_cuda:
+        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return interpreted
+
+
+def device_guard(x: torch.Tensor):
+    """The device guard around a launch: kernels launch on the current CUDA device, which must be x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+
+
 # Tests set this: every buffer a kernel must fully write starts as NaN instead of torch.empty's leftovers, so an
 # element no program writes fails the comparison with the reference.
 POISON = False
@@ -53,6 +90,11 @@ def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> t
     if POISON:
         return torch.full(shape, float('nan'), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def zeros32(*shape, like: torch.Tensor) -> torch.Tensor:
+    """An fp32 accumulator (atomics add into it) on ``like``'s device."""
+    return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
 def dot_precision(x: torch.Tensor) -> str:

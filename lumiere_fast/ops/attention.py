@@ -20,7 +20,7 @@ In the MP layer softmax(q k^T * scale) v is ``F.scaled_dot_product_attention``: 
 pixel-normed the logits are bounded, so its summation order does not matter (on CPU its fused kernel is 2x
 faster than einsum-softmax-einsum and stores no score tensor for backward).
 
-Triton path (``lumiere_fast.kernels.attention``; notes above the launchers below). Both blocks register a
+Triton path (``kernels/attention.py``; notes above the launchers below). Both blocks register a
 custom op (``lumiere_fast::mp_temporal_attention_block``, ``lumiere_fast::temporal_attention_block``) and a
 backward op, so ``torch.compile`` sees them as single nodes. Current state:
   * forward: Triton kernels. Per layer, an attention core kernel per (row tile, head), reading x through its
@@ -61,11 +61,59 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import NAMESPACE, dot_precision, grid_1d, new_output, use_triton
+from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, pow2,
+                      target_programs, use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
-from .mp_math import mp_add, pixel_norm
+from .mp_math import mp_add, mp_add_coeffs, pixel_norm
+from .temporal_conv1d import conv_weight_grad
 
 MP_ATTN_ADD_T = 0.3
+_MAX_T = 128
+_EPS = 1e-4
+_RMS_EPS = 1e-12      # F.normalize's default eps (the non-MP RMSNorm)
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+
+def _check(name, x, batch, heads, proj_weight):
+    if x.ndim != 4:
+        raise ValueError(f'{name}: expected x as (b t) c h w, got shape {tuple(x.shape)}')
+    if batch < 1 or x.shape[0] % batch:
+        raise ValueError(f'{name}: leading dim {x.shape[0]} is not batch ({batch}) x frames')
+    if heads < 1:
+        raise ValueError(f'{name}: expected heads >= 1, got {heads}')
+    c = x.shape[1]
+    if tuple(proj_weight.shape) != (c, c):
+        raise ValueError(f'{name}: expected proj_weight ({c}, {c}), got {tuple(proj_weight.shape)}')
+
+
+def _mp_layer_shapes_ok(c: int, heads: int, layers) -> bool:
+    for qkv_weight, out_weight, mem_kv in layers:
+        if qkv_weight.ndim != 2 or qkv_weight.shape[1] != c or qkv_weight.shape[0] % (3 * heads):
+            return False
+        hd = qkv_weight.shape[0] // 3
+        d = hd // heads
+        if tuple(out_weight.shape) != (c, hd) or mem_kv.ndim != 4 or tuple(mem_kv.shape[:2]) != (2, heads) \
+                or mem_kv.shape[-1] != d or d > 128:
+            return False
+    return True
+
+
+def _layer_shapes_ok(c: int, heads: int, layers) -> bool:
+    prenorm = layers[0][0] is not None
+    for g, wq, wk, wv, wo in layers:
+        if (g is not None) != prenorm or (g is not None and tuple(g.shape) != (c,)):
+            return False
+        if wq.ndim != 2 or wq.shape[1] != c or wq.shape[0] % heads or wk.shape != wq.shape or wv.shape != wq.shape:
+            return False
+        hd = wq.shape[0]
+        if (wo is None and hd != c) or (wo is not None and tuple(wo.shape) != (c, hd)) or hd // heads > 128:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- references
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
@@ -125,129 +173,29 @@ def temporal_attention_block_ref(x: Tensor, layers: Sequence[tuple], proj_weight
     return unfold_frames_ref(s, batch, *x.shape[-2:], 't c') + x
 
 
-def mp_attention_layer(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, mem_kv: Tensor, heads: int,
-                       dropout: float = 0., training: bool = False) -> Tensor:
-    """(n, t, c) -> (n, t, c): one MPAttention layer, MP-normalised weights (a module used on its own)."""
-    if s.ndim != 3:
-        raise ValueError(f'mp_attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
-    backend.choose('mp_attention_layer', s, has_triton=False)
-    return mp_attention_layer_ref(s, qkv_weight, out_weight, mem_kv, heads, dropout, training)
-
-
-def attention_layer(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor | None, heads: int,
-                    dropout: float = 0., training: bool = False, residual: bool = True) -> Tensor:
-    """(n, t, c) -> (n, t, c): one x-transformers attention layer (a module used on its own)."""
-    if s.ndim != 3:
-        raise ValueError(f'attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
-    backend.choose('attention_layer', s, has_triton=False)
-    return attention_layer_ref(s, g, wq, wk, wv, wo, heads, dropout, training, residual)
-
-
-def _check(name, x, batch, heads, proj_weight):
-    if x.ndim != 4:
-        raise ValueError(f'{name}: expected x as (b t) c h w, got shape {tuple(x.shape)}')
-    if batch < 1 or x.shape[0] % batch:
-        raise ValueError(f'{name}: leading dim {x.shape[0]} is not batch ({batch}) x frames')
-    if heads < 1:
-        raise ValueError(f'{name}: expected heads >= 1, got {heads}')
-    c = x.shape[1]
-    if tuple(proj_weight.shape) != (c, c):
-        raise ValueError(f'{name}: expected proj_weight ({c}, {c}), got {tuple(proj_weight.shape)}')
-
-
-def mp_temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Tensor, gain: Tensor, *,
-                                batch: int, heads: int, mp_add_t: float = 0.3, dropout: float = 0.,
-                                training: bool = False) -> Tensor:
-    """(b t) c H W -> (b t) c H W; ``layers``: [(qkv_weight, out_weight, mem_kv)] per depth."""
-    _check('mp_temporal_attention_block', x, batch, heads, proj_weight)
-    layers = list(layers)
-    flat = [w for layer in layers for w in layer]
-    supported = (len(layers) > 0 and not (training and dropout > 0) and x.shape[0] // batch <= _MAX_T
-                 and _mp_layer_shapes_ok(x.shape[1], heads, layers) and gain.numel() == 1)
-    if use_triton('mp_temporal_attention_block', x, proj_weight, gain, *flat, supported=supported):
-        qkv, out, mem = (list(ws) for ws in zip(*layers))
-        return _mp_block_op(x, qkv, out, mem, proj_weight, gain, batch, heads, mp_add_t)
-    return mp_temporal_attention_block_ref(x, layers, proj_weight, gain, batch, heads, mp_add_t, dropout, training)
-
-
-def temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Tensor, proj_bias: Tensor | None, *,
-                             batch: int, heads: int, dropout: float = 0., training: bool = False,
-                             residual_attn: bool = True) -> Tensor:
-    """(b t) c H W -> (b t) c H W; ``layers``: [(g or None, wq, wk, wv, wo)] per depth."""
-    _check('temporal_attention_block', x, batch, heads, proj_weight)
-    layers = list(layers)
-    flat = [w for layer in layers for w in layer if w is not None]
-    supported = (len(layers) > 0 and not (training and dropout > 0) and x.shape[0] // batch <= _MAX_T
-                 and _layer_shapes_ok(x.shape[1], heads, layers))
-    if use_triton('temporal_attention_block', x, proj_weight, *flat, supported=supported):
-        c = x.shape[1]
-        gs = [g if g is not None else x.new_ones(c) for g, *_ in layers]
-        wos = [wo if wo is not None else torch.eye(c, dtype=wq.dtype, device=wq.device)
-               for _, wq, _, _, wo in layers]
-        wq, wk, wv = (list(ws) for ws in list(zip(*layers))[1:4])
-        bias = proj_bias if proj_bias is not None else x.new_zeros(c)
-        return _block_op(x, gs, wq, wk, wv, wos, proj_weight, bias, batch, heads, layers[0][0] is not None,
-                         residual_attn)
-    return temporal_attention_block_ref(x, layers, proj_weight, proj_bias, batch, heads, dropout, training,
-                                        residual_attn)
-
-
-# ------------------------------------------------------------------------------------------ Triton path
+# ------------------------------------------------------------------------------------------ Triton launchers
 #
-# Kernels: lumiere_fast/kernels/attention.py (imported on first launch). Per layer:
-#   attn_core_kernel: one program per (row tile, head). A row is one (position, frame), position = (clip, pixel);
-#       a tile packs BLOCK_R // T whole positions (block-diagonal mask), so short clips do not pad T up to tl.dot's
-#       16 rows; rows are read straight from the (b t) c H W tensor through its strides. q, k, v of the head are
-#       projected in-kernel (MP: pixel-normed, with the head's memory keys/values; non-MP: RMSNorm folded in),
-#       fp32 online softmax over the memory block and the key blocks, P @ V; o goes to a contiguous
-#       (b t) (h d) H W buffer. T > kernels.ATTN_ROWS_MAX: one position per tile, ATTN_ROWS_MAX-row query and key
-#       blocks (the score tile stays ATTN_ROWS_MAX square; k and v are re-projected per query block).
-#   linear_mp_add_kernel: out-projection + the layer's residual into a contiguous (b t) c H W buffer.
+# Kernels: kernels/attention.py (lumiere_fast.kernels.attention, imported on first launch). Per layer:
+#   _attention_core_kernel: one program per (row tile, head). A row is one (position, frame), position =
+#       (clip, pixel); a tile packs BLOCK_R // T whole positions (block-diagonal mask), so short clips do not pad
+#       T up to tl.dot's 16 rows; rows are read straight from the (b t) c H W tensor through its strides. q, k, v
+#       of the head are projected in-kernel (MP: pixel-normed, with the head's memory keys/values; non-MP:
+#       RMSNorm folded in), fp32 online softmax over the memory block and the key blocks, P @ V; o goes to a
+#       contiguous (b t) (h d) H W buffer. T > kernels.ATTN_ROWS_MAX: one position per tile, ATTN_ROWS_MAX-row
+#       query and key blocks (the score tile stays ATTN_ROWS_MAX square; k and v are re-projected per query block).
+#   _attention_linear_kernel: out-projection + the layer's residual into a contiguous (b t) c H W buffer.
 # Then proj_out (* gain, + bias) + the outer residual with x (the same GEMM kernel). The o buffer is the one round
 # trip the split costs (see the kernel module's docstring for why the layer is not one kernel).
-# Backward (_mp_block_backward, _block_backward): layer inputs and o recomputed by the forward kernels; the core
-# backward (attn_core_bwd_kernel; attn_core_bwd_long_kernel above the row cap) recomputes q, k, v and the
-# probabilities per tile and writes dqkv; the rest are the same GEMM kernel on transposed weight views, split-K
-# weight-grad reductions, the RMSNorm backward kernel and per-channel partial sums.
-
-_MAX_T = 128
-_EPS = 1e-4
-_RMS_EPS = 1e-12      # F.normalize's default eps (the non-MP RMSNorm)
+# Backward (_mp_temporal_attention_block_backward, _temporal_attention_block_backward): layer inputs and o
+# recomputed by the forward kernels; the core backward (_attention_core_backward_kernel;
+# _attention_core_backward_long_kernel above the row cap) recomputes q, k, v and the probabilities per tile and
+# writes dqkv; the rest are the same GEMM kernel on transposed weight views, split-K weight-grad reductions
+# (temporal_conv1d's weight-grad kernel with one tap), the RMSNorm backward kernel and per-channel partial sums.
 
 
-def _attn_kernels():
-    from ..kernels import attention as kernels
-    return kernels
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _mp_add_coeffs(t: float) -> tuple[float, float]:
-    den = sqrt((1 - t) ** 2 + t ** 2)
-    return (1 - t) / den, t / den
-
-
-def _mp_layer_shapes_ok(c: int, heads: int, layers) -> bool:
-    for qkv_weight, out_weight, mem_kv in layers:
-        if qkv_weight.ndim != 2 or qkv_weight.shape[1] != c or qkv_weight.shape[0] % (3 * heads):
-            return False
-        hd = qkv_weight.shape[0] // 3
-        d = hd // heads
-        if tuple(out_weight.shape) != (c, hd) or mem_kv.ndim != 4 or tuple(mem_kv.shape[:2]) != (2, heads) \
-                or mem_kv.shape[-1] != d or d > 128:
-            return False
-    return True
-
-
-def _device_ctx(x: Tensor):
-    from contextlib import nullcontext
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+def _kernels():
+    from ..kernels import attention as k
+    return k
 
 
 def _linear_mp_add(kern, inp: Tensor, w: Tensor, res: Tensor | None, gain: Tensor | None, c_out: float,
@@ -258,33 +206,18 @@ def _linear_mp_add(kern, inp: Tensor, w: Tensor, res: Tensor | None, gain: Tenso
     co, p = w.shape[0], inp.shape[-2] * inp.shape[-1]
     out = new_output((n, co, *inp.shape[-2:]), inp)
     r = res if res is not None else out     # unused pointer without HAS_RES
-    kern.linear_mp_add_kernel[lambda m: grid_1d(n * _cdiv(p, m['BLOCK_P']) * _cdiv(co, m['BLOCK_CO']))](
+    kern._attention_linear_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(co, m['BLOCK_CO']))](
         inp, *inp.stride(), w, w.stride(0), w.stride(1), r, *r.stride(), out,
         gain if gain is not None else out, bias if bias is not None else out, c_out, c_res, n, ci, co, p, width,
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res is not None, PREC=dot_precision(inp),
-        BLOCK_CI=min(32, max(16, _pow2(ci))))
+        BLOCK_CI=dot_block(ci, 32))
     return out
 
 
-def _target_programs(x: Tensor) -> int:
-    if x.is_cuda:
-        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return 4        # the interpreter: a few programs, each looping, is as fast as many
-
-
-def _weight_grad(kern, a: Tensor, b: Tensor) -> Tensor:
-    """fp32 [ca, cb] = sum over frames and pixels of a (x) b (both (b t) c H W, any strides)."""
-    n, ca, _, width = a.shape
-    cb, p = b.shape[1], a.shape[-2] * a.shape[-1]
-    blk_a, blk_b, blk_p = kern.WGRAD_BLOCKS
-    g = torch.zeros(ca, cb, dtype=torch.float32, device=a.device)
-    tiles = _cdiv(ca, blk_a) * _cdiv(cb, blk_b)
-    rows = n * _cdiv(p, blk_p)
-    rows_per_prog = _cdiv(rows, max(1, min(rows, _target_programs(a) // tiles)))
-    kern.weight_grad_kernel[grid_1d(_cdiv(rows, rows_per_prog) * tiles)](
-        a, *a.stride(), b, *b.stride(), g, n, ca, cb, p, width, rows_per_prog,
-        PREC=dot_precision(a), BLOCK_A=blk_a, BLOCK_B=blk_b, BLOCK_P=blk_p, num_warps=kern.WGRAD_WARPS)
-    return g
+def _weight_grad(a: Tensor, b: Tensor) -> Tensor:
+    """fp32 [ca, cb] = sum over frames and pixels of a (x) b (both (b t) c H W, any strides): a 1x1 projection's
+    weight grad, temporal_conv1d's weight-grad kernel with one tap."""
+    return conv_weight_grad(a, b, 1, 1, with_bias=False)[0].view(a.shape[1], b.shape[1])
 
 
 def _channel_sum(kern, a: Tensor, b: Tensor | None = None) -> Tensor:
@@ -293,12 +226,12 @@ def _channel_sum(kern, a: Tensor, b: Tensor | None = None) -> Tensor:
     n, c, _, width = a.shape
     p = a.shape[-2] * a.shape[-1]
     blk_c, blk_p = kern.CHAN_BLOCKS
-    c_tiles, rows = _cdiv(c, blk_c), n * _cdiv(p, blk_p)
-    rows_per_prog = _cdiv(rows, max(1, min(rows, _target_programs(a) // c_tiles)))
-    splits = _cdiv(rows, rows_per_prog)
+    c_tiles, rows = cdiv(c, blk_c), n * cdiv(p, blk_p)
+    rows_per_prog = cdiv(rows, max(1, min(rows, target_programs(a) // c_tiles)))
+    splits = cdiv(rows, rows_per_prog)
     part = new_output((splits, c), a, torch.float32)
     bb = b if b is not None else a
-    kern.channel_sum_kernel[grid_1d(splits * c_tiles)](
+    kern._attention_channel_sum_kernel[grid_1d(splits * c_tiles)](
         a, *a.stride(), bb, *bb.stride(), part, n, c, p, width, rows_per_prog,
         HAS_B=b is not None, BLOCK_C=blk_c, BLOCK_P=blk_p)
     return part.sum(0)
@@ -310,7 +243,7 @@ def _rms_norm_backward(kern, f: Tensor, s: Tensor, g: Tensor, res: Tensor | None
     p = height * width
     out = new_output(s.shape, s)
     blk_c, blk_p = kern.CHAN_BLOCKS
-    kern.rms_norm_bwd_kernel[grid_1d(n * _cdiv(p, blk_p))](
+    kern._attention_rms_norm_backward_kernel[grid_1d(n * cdiv(p, blk_p))](
         f, s, *s.stride(), g, res if res is not None else out, out, n, c, p, width, _RMS_EPS, 1.,
         HAS_RES=res is not None, BLOCK_C=blk_c, BLOCK_P=blk_p)
     return out
@@ -334,9 +267,9 @@ def _row_tiles(kern, frames: int, d: int = 64, whole: bool = False) -> tuple[int
     spills at [64, 128]."""
     cap = kern.ATTN_ROWS_MAX if d <= 64 else max(16, kern.ATTN_ROWS_MAX // 2)
     if frames <= cap or whole:
-        block = max(kern.ATTN_ROWS_MIN, _pow2(frames))
+        block = max(kern.ATTN_ROWS_MIN, pow2(frames))
         return block, frames, block // frames, 1
-    return cap, cap, 1, _cdiv(frames, cap)
+    return cap, cap, 1, cdiv(frames, cap)
 
 
 def _core_args(s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | None, dummy: Tensor) -> list:
@@ -350,12 +283,12 @@ def _core_args(s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | None, dummy
 
 
 def _core_meta(x: Tensor, mp: bool, has_g: bool, d: int, m: int, c: int, block_r: int, bwd: bool) -> dict:
-    block_d = max(16, _pow2(d))
+    block_d = dot_block(d)
     # 8 warps: ptxas (sm_90, bf16) keeps the forward's [32, 64] .. [64, 64] / [32, 128] tiles and the backward's
     # [32, 64] tile free of spills at 8 warps, not at 4; 16 warps caps registers at 128/thread and spills more
     warps = 8 if bwd or block_r * block_d >= 32 * 64 else 4
     return dict(MP=mp, HAS_G=has_g, HAS_MEM=m > 0, PREC=dot_precision(x), BLOCK_R=block_r, BLOCK_D=block_d,
-                BLOCK_CK=min(32, max(16, _pow2(c))), BLOCK_M=max(16, _pow2(m)), num_warps=warps)
+                BLOCK_CK=dot_block(c, 32), BLOCK_M=dot_block(m), num_warps=warps)
 
 
 def _core_scalars(c: int, d: int) -> tuple:
@@ -375,7 +308,7 @@ def _core_forward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | No
     want_lse = want_lse and qb > 1
     lse = new_output((n, heads, height, width), s, torch.float32) if want_lse else None
     n_pos = batch * p
-    kern.attn_core_kernel[grid_1d(_cdiv(n_pos, pos) * qb * heads)](
+    kern._attention_core_kernel[grid_1d(cdiv(n_pos, pos) * qb * heads)](
         *_core_args(s, ws, mem, g, o), o, lse if want_lse else o, frames, c, p, width, heads, d, m, n_pos, span,
         pos, qb, *_core_scalars(c, d), WRITE_LSE=want_lse,
         **_core_meta(s, mp, g is not None, d, m, c, block_r, False))
@@ -386,18 +319,19 @@ def _core_backward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | N
                    heads: int, d: int, mp: bool, o: Tensor, lse: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """(dqkv (b t) (3 h d) H W, fp32 grads of the normalised memory (2, h, m, d) or None). Programs walk GROUPS
     tiles of one head each (enough programs to fill the GPU, few under the interpreter) and write one memory-grad
-    partial per program, summed here. Clips that fit one tile: attn_core_bwd_kernel, scores recomputed; longer
-    clips (``lse`` given by the forward recompute): attn_core_bwd_long_kernel, a dk/dv launch and a dq launch."""
+    partial per program, summed here. Clips that fit one tile: _attention_core_backward_kernel, scores recomputed;
+    longer clips (``lse`` given by the forward recompute): _attention_core_backward_long_kernel, a dk/dv launch and
+    a dq launch."""
     n, c, height, width = s.shape
     frames, p = n // batch, height * width
     m = mem.shape[2] if mem is not None else 0
     long = lse is not None
     block_r, span, pos, qb = _row_tiles(kern, frames, d, whole=not long)
     n_pos = batch * p
-    items = _cdiv(n_pos, pos) * qb
-    per_head = 4 * _target_programs(s) if s.is_cuda else _target_programs(s)
-    groups = _cdiv(items, max(1, min(items, per_head // heads)))
-    chunks = _cdiv(items, groups)
+    items = cdiv(n_pos, pos) * qb
+    per_head = target_programs(s) * (4 if s.is_cuda else 1)
+    groups = cdiv(items, max(1, min(items, per_head // heads)))
+    chunks = cdiv(items, groups)
     dqkv = new_output((n, 3 * heads * d, height, width), s)
     dmem = new_output((chunks, 2, heads, m, d), s, torch.float32) if m else dqkv
     meta = _core_meta(s, mp, g is not None, d, m, c, block_r, True)
@@ -405,14 +339,14 @@ def _core_backward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | N
     scalars = _core_scalars(c, d)
     if long:
         # dk, dv: one (position, key block) per program (no memory partials to amortise)
-        kern.attn_core_bwd_long_kernel[grid_1d(items * heads)](
+        kern._attention_core_backward_long_kernel[grid_1d(items * heads)](
             *args, do, o, lse, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, span, qb, 1, *scalars,
             DKV=True, **meta)
-        kern.attn_core_bwd_long_kernel[grid_1d(chunks * heads)](
+        kern._attention_core_backward_long_kernel[grid_1d(chunks * heads)](
             *args, do, o, lse, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, span, qb, groups, *scalars,
             DKV=False, **meta)
     else:
-        kern.attn_core_bwd_kernel[grid_1d(chunks * heads)](
+        kern._attention_core_backward_kernel[grid_1d(chunks * heads)](
             *args, do, dqkv, dmem, frames, c, p, width, heads, d, m, n_pos, pos, groups, *scalars, **meta)
     return dqkv, (dmem.sum(0) if m else None)
 
@@ -420,7 +354,7 @@ def _core_backward(kern, s: Tensor, ws: tuple, mem: Tensor | None, g: Tensor | N
 def _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads, want_lse=False):
     """Runs the layers; returns every layer input s_0 = x .. s_depth, every attention output o_l and (with
     ``want_lse``, for clips longer than one tile) its log-sum-exp."""
-    a, b = _mp_add_coeffs(MP_ATTN_ADD_T)
+    a, b = mp_add_coeffs(MP_ATTN_ADD_T)
     ss, os_, lses = [x], [], []
     for qkv_weight, out_weight, mem_kv in zip(qkv, outw, mem):
         s = ss[-1]
@@ -433,16 +367,18 @@ def _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads, want_lse=False):
     return ss, os_, lses
 
 
-def _mp_block_forward(x: Tensor, qkv: list[Tensor], outw: list[Tensor], mem: list[Tensor], proj_weight: Tensor,
-                      gain: Tensor, batch: int, heads: int, mp_add_t: float) -> Tensor:
-    kern = _attn_kernels()
-    with _device_ctx(x):
+def _mp_temporal_attention_block_forward(x: Tensor, qkv: list[Tensor], outw: list[Tensor], mem: list[Tensor],
+                                         proj_weight: Tensor, gain: Tensor, batch: int, heads: int, mp_add_t: float
+                                         ) -> Tensor:
+    kern = _kernels()
+    with device_guard(x):
         ss, _, _ = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads)
-        return _linear_mp_add(kern, ss[-1], proj_weight, x, gain.reshape(1), *_mp_add_coeffs(mp_add_t))
+        return _linear_mp_add(kern, ss[-1], proj_weight, x, gain.reshape(1), *mp_add_coeffs(mp_add_t))
 
 
-def _mp_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Tensor], mem: list[Tensor],
-                       proj_weight: Tensor, gain: Tensor, batch: int, heads: int, mp_add_t: float) -> list[Tensor]:
+def _mp_temporal_attention_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Tensor],
+                                          mem: list[Tensor], proj_weight: Tensor, gain: Tensor, batch: int, heads: int,
+                                          mp_add_t: float) -> list[Tensor]:
     """Grads of (x, proj_weight, gain, *qkv, *outw, *mem). The layers' inputs and attention outputs are recomputed
     with the forward kernels (nothing but the op's inputs is saved), then walked back:
       outer:  dS = c_out * gain * P^T g (linear kernel on the transposed view), dP, dgain from G = sum g (x) s;
@@ -450,12 +386,12 @@ def _mp_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Te
               dWqkv = sum dqkv (x) s;  dS_prev = Wqkv^T dqkv + b dS.
     Weight grads are fp32 split-K reductions (weight_grad_kernel), cast to the parameter dtype at the end; the
     gain's grad (sum of P * G, c x c) and the memory keys/values' pixel-norm backward (m x d) are torch ops."""
-    kern = _attn_kernels()
-    c_out, c_res = _mp_add_coeffs(mp_add_t)
-    a, b = _mp_add_coeffs(MP_ATTN_ADD_T)
-    with _device_ctx(x):
+    kern = _kernels()
+    c_out, c_res = mp_add_coeffs(mp_add_t)
+    a, b = mp_add_coeffs(MP_ATTN_ADD_T)
+    with device_guard(x):
         ss, os_, lses = _mp_layers_forward(kern, x, qkv, outw, mem, batch, heads, want_lse=True)
-        gs = _weight_grad(kern, grad, ss[-1])
+        gs = _weight_grad(grad, ss[-1])
         d_proj = (gs * (c_out * gain.float())).to(proj_weight.dtype)
         d_gain = ((proj_weight.float() * gs).sum() * c_out).reshape(gain.shape).to(gain.dtype)
         ds = _linear_mp_add(kern, grad, proj_weight.t(), None, gain.reshape(1), c_out)
@@ -465,76 +401,16 @@ def _mp_block_backward(grad: Tensor, x: Tensor, qkv: list[Tensor], outw: list[Te
             hd = qkv_weight.shape[0] // 3
             m = mem_kv.shape[2]
             do = _linear_mp_add(kern, ds, out_weight.t(), None, None, a)
-            d_out[i] = (_weight_grad(kern, ds, os_[i]) * a).to(out_weight.dtype)
+            d_out[i] = (_weight_grad(ds, os_[i]) * a).to(out_weight.dtype)
             dqkv, dmem = _core_backward(kern, s, (qkv_weight, qkv_weight, qkv_weight, hd, 2 * hd),
                                         mem_kv if m else None, None, do, batch, heads, hd // heads, True, os_[i],
                                         lses[i])
-            d_qkv[i] = _weight_grad(kern, dqkv, s).to(qkv_weight.dtype)
+            d_qkv[i] = _weight_grad(dqkv, s).to(qkv_weight.dtype)
             ds = _linear_mp_add(kern, dqkv, qkv_weight.t(), ds, None, 1., b)
             d_mem[i] = (_pixel_norm_backward(mem_kv.float(), dmem).to(mem_kv.dtype) if m else
                         torch.zeros_like(mem_kv))
         d_x = ds + grad * c_res
     return [d_x, d_proj, d_gain, *d_qkv, *d_out, *d_mem]
-
-
-# --- torch.library registration: real ops for torch.compile (fake impls give shapes), autograd by a backward op
-
-
-@torch.library.custom_op(f'{NAMESPACE}::mp_temporal_attention_block', mutates_args=())
-def _mp_block_op(x: Tensor, qkv_weights: list[Tensor], out_weights: list[Tensor], mem_kvs: list[Tensor],
-                 proj_weight: Tensor, gain: Tensor, batch: int, heads: int, mp_add_t: float) -> Tensor:
-    return _mp_block_forward(x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t)
-
-
-@_mp_block_op.register_fake
-def _(x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op(f'{NAMESPACE}::mp_temporal_attention_block_backward', mutates_args=())
-def _mp_block_backward_op(grad: Tensor, x: Tensor, qkv_weights: list[Tensor], out_weights: list[Tensor],
-                          mem_kvs: list[Tensor], proj_weight: Tensor, gain: Tensor, batch: int, heads: int,
-                          mp_add_t: float) -> list[Tensor]:
-    return _mp_block_backward(grad, x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t)
-
-
-@_mp_block_backward_op.register_fake
-def _(grad, x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t):
-    return [torch.empty_like(t) for t in (x, proj_weight, gain, *qkv_weights, *out_weights, *mem_kvs)]
-
-
-def _mp_setup_context(ctx, inputs, output):
-    x, qkv, outw, mem, proj_weight, gain, batch, heads, mp_add_t = inputs
-    ctx.save_for_backward(x, proj_weight, gain, *qkv, *outw, *mem)
-    ctx.depth, ctx.batch, ctx.heads, ctx.mp_add_t = len(qkv), batch, heads, mp_add_t
-
-
-def _mp_autograd_backward(ctx, grad):
-    saved, depth = ctx.saved_tensors, ctx.depth
-    x, proj_weight, gain = saved[:3]
-    qkv, outw, mem = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(3))
-    g = _mp_block_backward_op(grad, x, qkv, outw, mem, proj_weight, gain, ctx.batch, ctx.heads, ctx.mp_add_t)
-    return (g[0], list(g[3:3 + depth]), list(g[3 + depth:3 + 2 * depth]), list(g[3 + 2 * depth:]), g[1], g[2],
-            None, None, None)
-
-
-_mp_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
-
-
-# --- non-MP (x-transformers) block: forward and backward kernels
-
-
-def _layer_shapes_ok(c: int, heads: int, layers) -> bool:
-    prenorm = layers[0][0] is not None
-    for g, wq, wk, wv, wo in layers:
-        if (g is not None) != prenorm or (g is not None and tuple(g.shape) != (c,)):
-            return False
-        if wq.ndim != 2 or wq.shape[1] != c or wq.shape[0] % heads or wk.shape != wq.shape or wv.shape != wq.shape:
-            return False
-        hd = wq.shape[0]
-        if (wo is None and hd != c) or (wo is not None and tuple(wo.shape) != (c, hd)) or hd // heads > 128:
-            return False
-    return True
 
 
 def _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn, want_lse=False):
@@ -552,15 +428,16 @@ def _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, resi
     return ss, os_, lses
 
 
-def _block_forward(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
-    kern = _attn_kernels()
-    with _device_ctx(x):
+def _temporal_attention_block_forward(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
+                                      residual_attn):
+    kern = _kernels()
+    with device_guard(x):
         ss, _, _ = _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn)
         return _linear_mp_add(kern, ss[-1], proj_weight, x, None, 1., 1., bias=proj_bias)
 
 
-def _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
-                    residual_attn) -> list[Tensor]:
+def _temporal_attention_block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
+                                       residual_attn) -> list[Tensor]:
     """Grads of (x, proj_weight, proj_bias, *gs, *wqs, *wks, *wvs, *wos). Layer inputs and attention outputs are
     recomputed by the forward kernels, then walked back:
       outer:  dP = sum g (x) s_L;  db = sum g per channel;  dS = P^T g;
@@ -571,12 +448,12 @@ def _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, bat
               dS_prev = RMSNorm backward of (f * g) (+ dS with the residual).
       Without a pre-norm dS_prev = [Wq; Wk; Wv]^T dqkv (+ dS) in one GEMM call.
     Weight grads are fp32 split-K reductions, g's and the bias's fp32 per-channel partial sums."""
-    kern = _attn_kernels()
+    kern = _kernels()
     depth = len(wqs)
-    with _device_ctx(x):
+    with device_guard(x):
         ss, os_, lses = _layers_forward(kern, x, gs, wqs, wks, wvs, wos, batch, heads, prenorm, residual_attn,
                                         want_lse=True)
-        d_proj = _weight_grad(kern, grad, ss[-1]).to(proj_weight.dtype)
+        d_proj = _weight_grad(grad, ss[-1]).to(proj_weight.dtype)
         d_bias = _channel_sum(kern, grad).to(proj_bias.dtype)
         ds = _linear_mp_add(kern, grad, proj_weight.t(), None, None, 1.)
         d_g, d_q, d_k, d_v, d_o = ([None] * depth for _ in range(5))
@@ -584,10 +461,10 @@ def _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, bat
             g, wq, wk, wv, wo, s = gs[i], wqs[i], wks[i], wvs[i], wos[i], ss[i]
             hd = wq.shape[0]
             do = _linear_mp_add(kern, ds, wo.t(), None, None, 1.)
-            d_o[i] = _weight_grad(kern, ds, os_[i]).to(wo.dtype)
+            d_o[i] = _weight_grad(ds, os_[i]).to(wo.dtype)
             dqkv, _ = _core_backward(kern, s, (wq, wk, wv, 0, 0), None, g if prenorm else None, do, batch, heads,
                                      hd // heads, False, os_[i], lses[i])
-            dw = _weight_grad(kern, dqkv, s)
+            dw = _weight_grad(dqkv, s)
             if prenorm:
                 dw = dw * g.float()
             # copies: a custom op's outputs may not alias each other (split returns views)
@@ -605,27 +482,80 @@ def _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, bat
     return [d_x, d_proj, d_bias, *d_g, *d_q, *d_k, *d_v, *d_o]
 
 
+# ---------------------------------------------------------------------------------------------- custom ops
+
+
+# real ops for torch.compile (fake impls give shapes), autograd by a backward op
+
+
+@torch.library.custom_op(f'{NAMESPACE}::mp_temporal_attention_block', mutates_args=())
+def _mp_temporal_attention_block_op(x: Tensor, qkv_weights: list[Tensor], out_weights: list[Tensor],
+                                    mem_kvs: list[Tensor], proj_weight: Tensor, gain: Tensor, batch: int, heads: int,
+                                    mp_add_t: float) -> Tensor:
+    return _mp_temporal_attention_block_forward(x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads,
+                                                mp_add_t)
+
+
+@_mp_temporal_attention_block_op.register_fake
+def _(x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::mp_temporal_attention_block_backward', mutates_args=())
+def _mp_temporal_attention_block_backward_op(grad: Tensor, x: Tensor, qkv_weights: list[Tensor],
+                                             out_weights: list[Tensor], mem_kvs: list[Tensor], proj_weight: Tensor,
+                                             gain: Tensor, batch: int, heads: int, mp_add_t: float) -> list[Tensor]:
+    return _mp_temporal_attention_block_backward(grad, x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch,
+                                                 heads, mp_add_t)
+
+
+@_mp_temporal_attention_block_backward_op.register_fake
+def _(grad, x, qkv_weights, out_weights, mem_kvs, proj_weight, gain, batch, heads, mp_add_t):
+    return [torch.empty_like(t) for t in (x, proj_weight, gain, *qkv_weights, *out_weights, *mem_kvs)]
+
+
+def _mp_setup_context(ctx, inputs, output):
+    x, qkv, outw, mem, proj_weight, gain, batch, heads, mp_add_t = inputs
+    ctx.save_for_backward(x, proj_weight, gain, *qkv, *outw, *mem)
+    ctx.depth, ctx.batch, ctx.heads, ctx.mp_add_t = len(qkv), batch, heads, mp_add_t
+
+
+def _mp_autograd_backward(ctx, grad):
+    saved, depth = ctx.saved_tensors, ctx.depth
+    x, proj_weight, gain = saved[:3]
+    qkv, outw, mem = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(3))
+    g = _mp_temporal_attention_block_backward_op(grad, x, qkv, outw, mem, proj_weight, gain, ctx.batch, ctx.heads,
+                                                 ctx.mp_add_t)
+    return (g[0], list(g[3:3 + depth]), list(g[3 + depth:3 + 2 * depth]), list(g[3 + 2 * depth:]), g[1], g[2],
+            None, None, None)
+
+
+_mp_temporal_attention_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
+
+
 @torch.library.custom_op(f'{NAMESPACE}::temporal_attention_block', mutates_args=())
-def _block_op(x: Tensor, gs: list[Tensor], wqs: list[Tensor], wks: list[Tensor], wvs: list[Tensor],
-              wos: list[Tensor], proj_weight: Tensor, proj_bias: Tensor, batch: int, heads: int, prenorm: bool,
-              residual_attn: bool) -> Tensor:
-    return _block_forward(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn)
+def _temporal_attention_block_op(x: Tensor, gs: list[Tensor], wqs: list[Tensor], wks: list[Tensor], wvs: list[Tensor],
+                                 wos: list[Tensor], proj_weight: Tensor, proj_bias: Tensor, batch: int, heads: int,
+                                 prenorm: bool, residual_attn: bool) -> Tensor:
+    return _temporal_attention_block_forward(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
+                                             residual_attn)
 
 
-@_block_op.register_fake
+@_temporal_attention_block_op.register_fake
 def _(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_attention_block_backward', mutates_args=())
-def _block_backward_op(grad: Tensor, x: Tensor, gs: list[Tensor], wqs: list[Tensor], wks: list[Tensor],
-                       wvs: list[Tensor], wos: list[Tensor], proj_weight: Tensor, proj_bias: Tensor, batch: int,
-                       heads: int, prenorm: bool, residual_attn: bool) -> list[Tensor]:
-    return _block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm,
-                           residual_attn)
+def _temporal_attention_block_backward_op(grad: Tensor, x: Tensor, gs: list[Tensor], wqs: list[Tensor],
+                                          wks: list[Tensor], wvs: list[Tensor], wos: list[Tensor], proj_weight: Tensor,
+                                          proj_bias: Tensor, batch: int, heads: int, prenorm: bool,
+                                          residual_attn: bool) -> list[Tensor]:
+    return _temporal_attention_block_backward(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads,
+                                              prenorm, residual_attn)
 
 
-@_block_backward_op.register_fake
+@_temporal_attention_block_backward_op.register_fake
 def _(grad, x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
     return [torch.empty_like(t) for t in (x, proj_weight, proj_bias, *gs, *wqs, *wks, *wvs, *wos)]
 
@@ -640,10 +570,68 @@ def _block_autograd_backward(ctx, grad):
     saved, depth = ctx.saved_tensors, ctx.depth
     x, pw, pb = saved[:3]
     gs, wqs, wks, wvs, wos = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(5))
-    g = _block_backward_op(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads, ctx.prenorm,
-                           ctx.residual_attn)
+    g = _temporal_attention_block_backward_op(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads,
+                                              ctx.prenorm, ctx.residual_attn)
     lists = [list(g[3 + i * depth:3 + (i + 1) * depth]) for i in range(5)]
     return (g[0], *lists, g[1], g[2], None, None, None, None)
 
 
-_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+_temporal_attention_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def mp_attention_layer(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, mem_kv: Tensor, heads: int,
+                       dropout: float = 0., training: bool = False) -> Tensor:
+    """(n, t, c) -> (n, t, c): one MPAttention layer, MP-normalised weights (a module used on its own)."""
+    if s.ndim != 3:
+        raise ValueError(f'mp_attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
+    backend.choose('mp_attention_layer', s, has_triton=False)
+    return mp_attention_layer_ref(s, qkv_weight, out_weight, mem_kv, heads, dropout, training)
+
+
+def attention_layer(s: Tensor, g: Tensor | None, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor | None, heads: int,
+                    dropout: float = 0., training: bool = False, residual: bool = True) -> Tensor:
+    """(n, t, c) -> (n, t, c): one x-transformers attention layer (a module used on its own)."""
+    if s.ndim != 3:
+        raise ValueError(f'attention_layer: expected (n, t, c), got shape {tuple(s.shape)}')
+    backend.choose('attention_layer', s, has_triton=False)
+    return attention_layer_ref(s, g, wq, wk, wv, wo, heads, dropout, training, residual)
+
+
+def mp_temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Tensor, gain: Tensor, *,
+                                batch: int, heads: int, mp_add_t: float = 0.3, dropout: float = 0.,
+                                training: bool = False) -> Tensor:
+    """(b t) c H W -> (b t) c H W; ``layers``: [(qkv_weight, out_weight, mem_kv)] per depth."""
+    _check('mp_temporal_attention_block', x, batch, heads, proj_weight)
+    layers = list(layers)
+    flat = [w for layer in layers for w in layer]
+    supported = (len(layers) > 0 and not (training and dropout > 0) and x.shape[0] // batch <= _MAX_T
+                 and _mp_layer_shapes_ok(x.shape[1], heads, layers) and gain.numel() == 1)
+    if use_triton('mp_temporal_attention_block', x, proj_weight, gain, *flat, supported=supported):
+        qkv, out, mem = (list(ws) for ws in zip(*layers))
+        return _mp_temporal_attention_block_op(x, qkv, out, mem, proj_weight, gain, batch, heads, mp_add_t)
+    return mp_temporal_attention_block_ref(x, layers, proj_weight, gain, batch, heads, mp_add_t, dropout, training)
+
+
+def temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Tensor, proj_bias: Tensor | None, *,
+                             batch: int, heads: int, dropout: float = 0., training: bool = False,
+                             residual_attn: bool = True) -> Tensor:
+    """(b t) c H W -> (b t) c H W; ``layers``: [(g or None, wq, wk, wv, wo)] per depth."""
+    _check('temporal_attention_block', x, batch, heads, proj_weight)
+    layers = list(layers)
+    flat = [w for layer in layers for w in layer if w is not None]
+    supported = (len(layers) > 0 and not (training and dropout > 0) and x.shape[0] // batch <= _MAX_T
+                 and _layer_shapes_ok(x.shape[1], heads, layers))
+    if use_triton('temporal_attention_block', x, proj_weight, *flat, supported=supported):
+        c = x.shape[1]
+        gs = [g if g is not None else x.new_ones(c) for g, *_ in layers]
+        wos = [wo if wo is not None else torch.eye(c, dtype=wq.dtype, device=wq.device)
+               for _, wq, _, _, wo in layers]
+        wq, wk, wv = (list(ws) for ws in list(zip(*layers))[1:4])
+        bias = proj_bias if proj_bias is not None else x.new_zeros(c)
+        return _temporal_attention_block_op(x, gs, wq, wk, wv, wos, proj_weight, bias, batch, heads,
+                                            layers[0][0] is not None, residual_attn)
+    return temporal_attention_block_ref(x, layers, proj_weight, proj_bias, batch, heads, dropout, training,
+                                        residual_attn)

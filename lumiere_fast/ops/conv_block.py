@@ -16,7 +16,7 @@ Non-MP (ConvolutionInflationBlock):
 The references work on a b c t (H W) (MP) or b c (H W) t (non-MP) view of the frames and run the time
 convolutions as (k, 1) or (1, k) conv2d, which gives upstream's numbers without its fold and unfold copies.
 
-The Triton path (``lumiere_fast.kernels.conv_block``; design notes above the launchers below) registers
+The Triton path (``kernels/conv_block.py``; design notes above the launchers below) registers
 ``lumiere_fast::mp_temporal_conv_block`` and ``lumiere_fast::temporal_conv_block`` (+ ``..._backward``) with
 torch.library; forward and backward of every input and parameter are Triton kernels.
 """
@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import NAMESPACE, dot_precision, grid_1d, new_output, use_triton
-from .mp_math import MP_SILU_DIVISOR, mp_add, mp_silu
-from .temporal_conv1d import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
+from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, use_triton,
+                      zeros32)
+from .layout import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
+from .mp_math import MP_SILU_DIVISOR, mp_add, mp_add_coeffs, mp_silu
+from .temporal_conv1d import conv_frames, conv_weight_grad, flipped_weight
 
 
 def _check(name, h, residual, conv_weight, proj_weight, batch):
@@ -69,10 +71,11 @@ def temporal_conv_block_ref(h: Tensor, residual: Tensor, conv_weight: Tensor, co
     return time_last_as_frames(y, *h.shape[-2:]) + residual
 
 
-# ------------------------------------------------------------------------------------------ Triton path
+# ------------------------------------------------------------------------------------------ Triton launchers
 #
-# Kernels: lumiere_fast/kernels/conv_block.py (imported on first launch). Forward, all (b t) c H W tensors are
-# read through their strides and the output is written contiguous (b t) c H W: no fold/unfold copies.
+# Kernels: kernels/conv_block.py (lumiere_fast.kernels.conv_block, imported on first launch). Forward, all
+# (b t) c H W tensors are read through their strides and the output is written contiguous (b t) c H W: no
+# fold/unfold copies.
 #   C <= FUSE_MAX_C: one kernel (temporal conv, activation, 1x1 projection from registers, residual add);
 #   C >  FUSE_MAX_C: the activation goes through one buffer in the activation dtype, because a pixel tile's
 #                    [C, BLOCK_P] activation and the [C, C] projection weight no longer fit one program's
@@ -82,106 +85,43 @@ def temporal_conv_block_ref(h: Tensor, residual: Tensor, conv_weight: Tensor, co
 #   one kernel: grad residual, dy (through mp_silu, or silu and the time norm), grad gain / proj bias / gamma,
 #               and for C <= BWD_FUSE_MAX_C grad proj from registers (fp32 accumulators, one atomic flush per
 #               program); above it the activation goes to a buffer and grad proj is reduced from it;
-#   weight_grad_kernel: grad conv weight (+ conv bias), split-K over (frame, pixel), fp32 atomics;
-#   conv_epilogue_kernel: grad h, the temporal conv of dy with the flipped, transposed weight.
+#   temporal_conv1d's weight-grad kernel (conv_weight_grad): grad conv weight (+ conv bias), split-K over
+#       (frame, pixel), fp32 atomics;
+#   temporal_conv1d's conv kernel (conv_frames): grad h, the temporal conv of dy with the flipped, transposed
+#       weight, and the split forward's second launch.
 # Weight grads accumulate in fp32 and are cast to the parameter dtype at the end.
 
 _NORM_EPS = 1e-12   # F.normalize's default eps (the non-MP time norm)
 
 
 def _kernels():
-    from ..kernels import conv_block as kernels
-    return kernels
-
-
-def _zeros32(*shape, like: Tensor) -> Tensor:
-    return torch.zeros(shape, dtype=torch.float32, device=like.device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+    from ..kernels import conv_block as k
+    return k
 
 
 def _blocks(c: int) -> tuple[int, int]:
     """(BLOCK_C covering all c channels, BLOCK_CI the conv's input-channel step); >= 16 for tl.dot."""
-    block_c = max(16, _pow2(c))
-    return block_c, min(block_c, 32)
+    return dot_block(c), dot_block(c, 32)
 
 
-def _target_programs(x: Tensor) -> int:
-    if x.is_cuda:
-        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return 4        # the interpreter: a few programs, each looping, is as fast as many
-
-
-def _device(x: Tensor):
-    from contextlib import nullcontext
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
-
-
-def _mp_add_coeffs(t: float) -> tuple[float, float]:
-    den = sqrt((1 - t) ** 2 + t ** 2)
-    return (1 - t) / den, t / den
-
-
-def _flipped(conv_weight: Tensor) -> Tensor:
-    """w'[ci, co, k] = w[co, ci, K-1-k]: grad_h is the 'same' conv of dy with it (a C*C*K copy, negligible)."""
-    return conv_weight.transpose(0, 1).flip(-1)
-
-
-def _conv(kern, x: Tensor, w: Tensor, out: Tensor, frames: int, epi: int, residual=None, bias=None, gain=None,
-          c_out=1., c_res=0., silu_scale=1.) -> Tensor:
-    """out = epilogue(temporal conv of x (frames layout, ``frames`` per clip) with w (c_out, c_in, k))."""
-    n, c_in, _, width = x.shape
-    c_o, k, p = w.shape[0], w.shape[-1], x.shape[-2] * x.shape[-1]
-    r = residual if residual is not None else out       # unused pointer arguments: the epilogue decides
-    kern.conv_epilogue_kernel[lambda m: grid_1d(n * _cdiv(p, m['BLOCK_P']) * _cdiv(c_o, m['BLOCK_C']))](
-        x, *x.stride(), w, w.stride(0), w.stride(1), w.stride(2), r, *r.stride(), out, *out.stride(),
-        bias if bias is not None else out, gain if gain is not None else out, c_out, c_res, silu_scale,
-        n, frames, c_in, c_o, p, width, k, k // 2,
-        EPI=epi, PREC=dot_precision(x), BLOCK_CI=_blocks(c_in)[1])
-    return out
-
-
-def _weight_grad(kern, dy: Tensor, x: Tensor, frames: int, k: int, with_bias: bool):
-    """(dw (c_out, c_in, k), db (c_out,) or None) in fp32: sum over frames and pixels of dy (x) x at each tap."""
-    n, c_o, _, width = dy.shape
-    c_i, p = x.shape[1], x.shape[-2] * x.shape[-1]
-    b_co, b_ci, b_p = kern.WGRAD_BLOCKS
-    dw = _zeros32(c_o, c_i, k, like=x)
-    db = _zeros32(c_o, like=x) if with_bias else dw
-    tiles = k * _cdiv(c_o, b_co) * _cdiv(c_i, b_ci)
-    rows = n * _cdiv(p, b_p)
-    rows_per_prog = _cdiv(rows, max(1, min(rows, _target_programs(x) // tiles)))
-    kern.weight_grad_kernel[grid_1d(_cdiv(rows, rows_per_prog) * tiles)](
-        dy, *dy.stride(), x, *x.stride(), dw, db, n, frames, c_o, c_i, p, width, k, k // 2, rows_per_prog,
-        HAS_BIAS=with_bias, PREC=dot_precision(x), BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=kern.WGRAD_WARPS)
-    return dw, (db if with_bias else None)
-
-
-def _mp_forward(h, residual, conv_weight, proj_weight, gain, batch: int, mp_add_t: float) -> Tensor:
+def _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain, batch: int, mp_add_t: float
+                                    ) -> Tensor:
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
-    c_out, c_res = _mp_add_coeffs(mp_add_t)
+    c_out, c_res = mp_add_coeffs(mp_add_t)
     out = new_output(h.shape, h)
-    with _device(h):
+    with device_guard(h):
         if c <= kern.FUSE_MAX_C:
             block_c, block_ci = _blocks(c)
-            kern.mp_block_fwd_kernel[lambda m: grid_1d(n * _cdiv(p, m['BLOCK_P']))](
+            kern._conv_block_mp_forward_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']))](
                 h, *h.stride(), residual, *residual.stride(), out, *out.stride(),
                 conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
                 gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
                 PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         else:
-            a = _conv(kern, h, conv_weight, new_output(h.shape, h), frames, kern.EPI_MP_SILU,
-                      silu_scale=1. / MP_SILU_DIVISOR)
-            _conv(kern, a, proj_weight, out, frames, kern.EPI_MP_OUT, residual=residual, gain=gain,
-                  c_out=c_out, c_res=c_res)
+            a = conv_frames(h, conv_weight, new_output(h.shape, h), frames, 'mp_silu', silu_scale=1. / MP_SILU_DIVISOR)
+            conv_frames(a, proj_weight, out, frames, 'mp_out', residual=residual, gain=gain, c_out=c_out, c_res=c_res)
     return out
 
 
@@ -192,19 +132,19 @@ def _bwd_blocks(kern, c: int) -> tuple[bool, int, int]:
     return False, kern.SPLIT_BLOCK_C, _blocks(c)[1]
 
 
-def _mp_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: float):
+def _mp_temporal_conv_block_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: float):
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
-    c_out, c_res = _mp_add_coeffs(mp_add_t)
-    d_res, dy = new_output(h.shape, h), new_output(h.shape, h)        # contiguous: the kernel writes them by own offsets
-    d_proj, d_gain = _zeros32(c, c, like=h), _zeros32(1, like=h)
+    c_out, c_res = mp_add_coeffs(mp_add_t)
+    d_res, dy = new_output(h.shape, h), new_output(h.shape, h)   # contiguous: the kernel writes them by own offsets
+    d_proj, d_gain = zeros32(c, c, like=h), zeros32(1, like=h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
     act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
-    n_ct = _cdiv(c, block_c)
-    with _device(h):
-        kern.mp_block_bwd_kernel[
-                lambda m: grid_1d(n * _cdiv(_cdiv(p, m['BLOCK_P']), m['TILES_PER_PROG']) * n_ct)](
+    n_ct = cdiv(c, block_c)
+    with device_guard(h):
+        kern._conv_block_mp_backward_kernel[
+                lambda m: grid_1d(n * cdiv(cdiv(p, m['BLOCK_P']), m['TILES_PER_PROG']) * n_ct)](
             h, *h.stride(), grad, *grad.stride(), d_res, dy, act,
             conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             gain, d_proj, d_gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
@@ -212,16 +152,17 @@ def _mp_backward(grad, h, conv_weight, proj_weight, gain, batch: int, mp_add_t: 
         if not fuse:
             # G = sum over frames and pixels of g a^T (Triton reduction); z = wp a is never formed: the gain's
             # grad sum(g * c_out * wp a) equals c_out * sum(wp * G), a C x C product
-            g_act, _ = _weight_grad(kern, grad, act, frames, 1, with_bias=False)
+            g_act, _ = conv_weight_grad(grad, act, frames, 1, with_bias=False)
             d_proj = g_act.view(c, c) * (c_out * gain.float())
             d_gain = (proj_weight.float().view(c, c) * g_act.view(c, c)).sum() * c_out
-        d_conv, _ = _weight_grad(kern, dy, h, frames, k, with_bias=False)
-        d_h = _conv(kern, dy, _flipped(conv_weight), new_output(h.shape, h), frames, kern.EPI_NONE)
+        d_conv, _ = conv_weight_grad(dy, h, frames, k, with_bias=False)
+        d_h = conv_frames(dy, flipped_weight(conv_weight), new_output(h.shape, h), frames)
     return (d_h, d_res, d_conv.to(conv_weight.dtype), d_proj.view(c, c, 1).to(proj_weight.dtype),
             d_gain.view(gain.shape).to(gain.dtype))
 
 
-def _block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch: int) -> Tensor:
+def _temporal_conv_block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch: int
+                                 ) -> Tensor:
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
@@ -229,64 +170,66 @@ def _block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj
     fuse = c <= kern.FUSE_MAX_C
     block_c, block_ci = _blocks(c) if fuse else (kern.SPLIT_BLOCK_C, _blocks(c)[1])
     act = out if fuse else new_output(h.shape, h)
-    with _device(h):
-        kern.block_fwd_kernel[lambda m: grid_1d(batch * _cdiv(p, m['BLOCK_P']) * _cdiv(c, block_c))](
+    with device_guard(h):
+        kern._conv_block_forward_kernel[lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * cdiv(c, block_c))](
             h, *h.stride(), residual, *residual.stride(), act, *act.stride(),
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1), proj_bias,
             sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
             FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
-            _conv(kern, act, proj_weight, out, frames, kern.EPI_BIAS_RESIDUAL, residual=residual, bias=proj_bias)
+            conv_frames(act, proj_weight, out, frames, 'bias_residual', residual=residual, bias=proj_bias)
     return out
 
 
-def _block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch: int):
+def _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch: int):
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
     d_res, dy, d_h = new_output(h.shape, h), new_output(h.shape, h), new_output(h.shape, h)
-    d_proj, d_proj_bias, d_gamma = _zeros32(c, c, like=h), _zeros32(c, like=h), _zeros32(c, like=h)
+    d_proj, d_proj_bias, d_gamma = zeros32(c, c, like=h), zeros32(c, like=h), zeros32(c, like=h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
     act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
-    n_ct = _cdiv(c, block_c)
-    with _device(h):
+    n_ct = cdiv(c, block_c)
+    with device_guard(h):
         # d_h doubles as the kernel's y scratch until the grad_h conv overwrites it
-        kern.block_bwd_kernel[lambda m: grid_1d(batch * _cdiv(p, m['BLOCK_P']) * n_ct)](
+        kern._conv_block_backward_kernel[lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * n_ct)](
             h, *h.stride(), grad, *grad.stride(), d_res, dy, d_h, act,
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             d_proj, d_proj_bias, d_gamma, sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
             FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
-            d_proj = _weight_grad(kern, grad, act, frames, 1, with_bias=False)[0]
-        d_conv, d_conv_bias = _weight_grad(kern, dy, h, frames, k, with_bias=True)
-        _conv(kern, dy, _flipped(conv_weight), d_h, frames, kern.EPI_NONE)
+            d_proj = conv_weight_grad(grad, act, frames, 1, with_bias=False)[0]
+        d_conv, d_conv_bias = conv_weight_grad(dy, h, frames, k, with_bias=True)
+        conv_frames(dy, flipped_weight(conv_weight), d_h, frames)
     return (d_h, d_res, d_conv.to(conv_weight.dtype), d_conv_bias.to(conv_bias.dtype), d_gamma.to(gamma.dtype),
             d_proj.view(c, c, 1).to(proj_weight.dtype), d_proj_bias.to(proj_weight.dtype))
 
 
-# --- torch.library registration: real ops for torch.compile (fake impls give shapes), autograd by backward ops
+# ------------------------------------------------------------------------------------------ custom ops
+# real ops for torch.compile (fake impls give shapes), autograd by backward ops
 
 
 @torch.library.custom_op(f'{NAMESPACE}::mp_temporal_conv_block', mutates_args=())
-def _mp_block_op(h: Tensor, residual: Tensor, conv_weight: Tensor, proj_weight: Tensor, gain: Tensor, batch: int,
-                 mp_add_t: float) -> Tensor:
-    return _mp_forward(h, residual, conv_weight, proj_weight, gain, batch, mp_add_t)
+def _mp_temporal_conv_block_op(h: Tensor, residual: Tensor, conv_weight: Tensor, proj_weight: Tensor, gain: Tensor,
+                               batch: int, mp_add_t: float) -> Tensor:
+    return _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain, batch, mp_add_t)
 
 
-@_mp_block_op.register_fake
+@_mp_temporal_conv_block_op.register_fake
 def _(h, residual, conv_weight, proj_weight, gain, batch, mp_add_t):
     return h.new_empty(h.shape)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::mp_temporal_conv_block_backward', mutates_args=())
-def _mp_block_backward_op(grad: Tensor, h: Tensor, conv_weight: Tensor, proj_weight: Tensor, gain: Tensor,
-                          batch: int, mp_add_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _mp_backward(grad, h, conv_weight, proj_weight, gain, batch, mp_add_t)
+def _mp_temporal_conv_block_backward_op(grad: Tensor, h: Tensor, conv_weight: Tensor, proj_weight: Tensor,
+                                        gain: Tensor, batch: int, mp_add_t: float
+                                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _mp_temporal_conv_block_backward(grad, h, conv_weight, proj_weight, gain, batch, mp_add_t)
 
 
-@_mp_block_backward_op.register_fake
+@_mp_temporal_conv_block_backward_op.register_fake
 def _(grad, h, conv_weight, proj_weight, gain, batch, mp_add_t):
     return (h.new_empty(h.shape), h.new_empty(h.shape), torch.empty_like(conv_weight),
             torch.empty_like(proj_weight), torch.empty_like(gain))
@@ -300,32 +243,32 @@ def _mp_setup_context(ctx, inputs, output):
 
 def _mp_autograd_backward(ctx, grad):
     h, conv_weight, proj_weight, gain = ctx.saved_tensors
-    grads = _mp_block_backward_op(grad, h, conv_weight, proj_weight, gain, ctx.batch, ctx.mp_add_t)
+    grads = _mp_temporal_conv_block_backward_op(grad, h, conv_weight, proj_weight, gain, ctx.batch, ctx.mp_add_t)
     return (*grads, None, None)
 
 
-_mp_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
+_mp_temporal_conv_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_conv_block', mutates_args=())
-def _block_op(h: Tensor, residual: Tensor, conv_weight: Tensor, conv_bias: Tensor, gamma: Tensor,
-              proj_weight: Tensor, proj_bias: Tensor, batch: int) -> Tensor:
-    return _block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)
+def _temporal_conv_block_op(h: Tensor, residual: Tensor, conv_weight: Tensor, conv_bias: Tensor, gamma: Tensor,
+                            proj_weight: Tensor, proj_bias: Tensor, batch: int) -> Tensor:
+    return _temporal_conv_block_forward(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)
 
 
-@_block_op.register_fake
+@_temporal_conv_block_op.register_fake
 def _(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch):
     return h.new_empty(h.shape)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_conv_block_backward', mutates_args=())
-def _block_backward_op(grad: Tensor, h: Tensor, conv_weight: Tensor, conv_bias: Tensor, gamma: Tensor,
-                       proj_weight: Tensor, batch: int
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch)
+def _temporal_conv_block_backward_op(grad: Tensor, h: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+                                     gamma: Tensor, proj_weight: Tensor, batch: int
+                                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch)
 
 
-@_block_backward_op.register_fake
+@_temporal_conv_block_backward_op.register_fake
 def _(grad, h, conv_weight, conv_bias, gamma, proj_weight, batch):
     return (h.new_empty(h.shape), h.new_empty(h.shape), torch.empty_like(conv_weight), torch.empty_like(conv_bias),
             torch.empty_like(gamma), torch.empty_like(proj_weight), proj_weight.new_empty(proj_weight.shape[0]))
@@ -339,20 +282,20 @@ def _block_setup_context(ctx, inputs, output):
 
 def _block_autograd_backward(ctx, grad):
     h, conv_weight, conv_bias, gamma, proj_weight = ctx.saved_tensors
-    d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias = _block_backward_op(
+    d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias = _temporal_conv_block_backward_op(
         grad, h, conv_weight, conv_bias, gamma, proj_weight, ctx.batch)
     return d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias, None
 
 
-_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+_temporal_conv_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
 
 
 def _kernel_supported(*tensors: Tensor) -> bool:
     """The kernels take one floating dtype for every tensor and a non-empty h."""
     return tensors[0].numel() > 0 and all(t.dtype == tensors[0].dtype for t in tensors)
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
 
 
 def mp_temporal_conv_block(h: Tensor, residual: Tensor, conv_weight: Tensor, proj_weight: Tensor, gain: Tensor, *,
@@ -367,7 +310,7 @@ def mp_temporal_conv_block(h: Tensor, residual: Tensor, conv_weight: Tensor, pro
     supported = (not (training and dropout > 0) and gain.numel() == 1
                  and _kernel_supported(h, residual, conv_weight, proj_weight, gain))
     if use_triton('mp_temporal_conv_block', h, residual, conv_weight, proj_weight, gain, supported=supported):
-        return _mp_block_op(h, residual, conv_weight, proj_weight, gain, batch, float(mp_add_t))
+        return _mp_temporal_conv_block_op(h, residual, conv_weight, proj_weight, gain, batch, float(mp_add_t))
     return mp_temporal_conv_block_ref(h, residual, conv_weight, proj_weight, gain, batch, mp_add_t, dropout, training)
 
 
@@ -382,5 +325,5 @@ def temporal_conv_block(h: Tensor, residual: Tensor, conv_weight: Tensor, conv_b
     supported = _kernel_supported(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias)
     if use_triton('temporal_conv_block', h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias,
                   supported=supported):
-        return _block_op(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)
+        return _temporal_conv_block_op(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)
     return temporal_conv_block_ref(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)

@@ -4,9 +4,10 @@
             (b t) c h w -> (b h w) t c      (layout='t c', attention over time)
     unfold: the inverse of each.
 
-The references are einops rearranges (the spec). The Triton path (``lumiere_fast.kernels.fold``) does them as
-tiled transposes from any input strides into a contiguous output; ``lumiere_fast::fold_frames`` and
-``lumiere_fast::unfold_frames`` are each other's backward.
+The references are einops rearranges (the spec). The Triton path (``kernels/fold.py``) does them as tiled
+transposes from any input strides into a contiguous output; ``lumiere_fast::fold_frames`` and
+``lumiere_fast::unfold_frames`` are each other's backward (a permutation's backward is its inverse), so neither
+has a ``..._backward`` op of its own.
 """
 
 from __future__ import annotations
@@ -15,17 +16,35 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._triton import NAMESPACE, grid_1d, new_output, use_triton
+from ._triton import NAMESPACE, cdiv, grid_1d, new_output, use_triton
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
     't c': ('(b t) c h w -> (b h w) t c', '(b h w) t c -> (b t) c h w'),
 }
 
+
 def _pattern(layout: str, which: int) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f'layout: expected one of {sorted(LAYOUTS)}, got {layout!r}')
     return LAYOUTS[layout][which]
+
+
+def _check_fold(x: Tensor, batch: int, layout: str):
+    if x.ndim != 4:
+        raise ValueError(f'fold_frames: expected a 4-dim (b t) c h w tensor, got shape {tuple(x.shape)}')
+    if batch < 1 or x.shape[0] % batch:
+        raise ValueError(f'fold_frames: leading dim {x.shape[0]} must be batch ({batch}) x frames')
+    _pattern(layout, 0)
+
+
+def _check_unfold(x: Tensor, batch: int, height: int, width: int, layout: str):
+    if x.ndim != 3:
+        raise ValueError(f'unfold_frames: expected a 3-dim (b h w) c t tensor, got shape {tuple(x.shape)}')
+    if x.shape[0] != batch * height * width:
+        raise ValueError(f'unfold_frames: leading dim {x.shape[0]} must be batch*height*width = '
+                         f'{batch}*{height}*{width}')
+    _pattern(layout, 1)
 
 
 def fold_frames_ref(x: Tensor, batch: int, layout: str = 'c t') -> Tensor:
@@ -36,7 +55,13 @@ def unfold_frames_ref(x: Tensor, batch: int, height: int, width: int, layout: st
     return rearrange(x, _pattern(layout, 1), b=batch, h=height, w=width)
 
 
-# ---------------------------------------------------------------------------------------------- Triton path
+# ------------------------------------------------------------------------------------------ Triton launchers
+
+
+def _kernels():
+    from ..kernels import fold as k
+    return k
+
 
 def _folded_shape(n: int, c: int, t: int, layout: str) -> tuple[int, int, int]:
     return (n, c, t) if layout == 'c t' else (n, t, c)
@@ -50,10 +75,6 @@ def _folded_strides(folded: Tensor, layout: str) -> tuple[int, int, int]:
 
 def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: bool) -> None:
     """Copy frames (b t) c h w -> folded (to_folded) or folded -> frames; any strides on either side."""
-    import triton
-
-    from lumiere_fast.kernels.fold import fold_frames_kernel
-
     bt, c, h, w = frames.shape
     t, p = bt // batch, h * w
     s_bt, s_c, s_h, s_w = frames.stride()
@@ -67,17 +88,16 @@ def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: 
     q, r = (t, c) if tile_t else (c, t)
 
     def grid(meta):
-        return grid_1d(batch * r * triton.cdiv(q, meta['BLOCK_Q']) * triton.cdiv(p, meta['BLOCK_P']))
+        return grid_1d(batch * r * cdiv(q, meta['BLOCK_Q']) * cdiv(p, meta['BLOCK_P']))
 
-    fold_frames_kernel[grid](
+    _kernels()._fold_frames_kernel[grid](
         frames if to_folded else folded, folded if to_folded else frames,
         t, w, p, q, r,
         s_bt, s_c, s_h, s_w, *_folded_strides(folded, layout),
         TILE_T=tile_t, TO_FOLDED=to_folded, HW_MERGED=hw_merged)
 
 
-@torch.library.custom_op(f'{NAMESPACE}::fold_frames', mutates_args=())
-def _fold_frames_triton(x: Tensor, batch: int, layout: str) -> Tensor:
+def _fold_frames_forward(x: Tensor, batch: int, layout: str) -> Tensor:
     """(b t) c h w (any strides) -> contiguous (b h w) c t or (b h w) t c."""
     bt, c, h, w = x.shape
     out = new_output(_folded_shape(batch * h * w, c, bt // batch, layout), x)
@@ -86,14 +106,7 @@ def _fold_frames_triton(x: Tensor, batch: int, layout: str) -> Tensor:
     return out
 
 
-@_fold_frames_triton.register_fake
-def _(x, batch, layout):
-    bt, c, h, w = x.shape
-    return x.new_empty(_folded_shape(batch * h * w, c, bt // batch, layout))
-
-
-@torch.library.custom_op(f'{NAMESPACE}::unfold_frames', mutates_args=())
-def _unfold_frames_triton(x: Tensor, batch: int, height: int, width: int, layout: str) -> Tensor:
+def _unfold_frames_forward(x: Tensor, batch: int, height: int, width: int, layout: str) -> Tensor:
     """(b h w) c t or (b h w) t c (any strides) -> contiguous (b t) c h w."""
     _, d1, d2 = x.shape
     c, t = (d1, d2) if layout == 'c t' else (d2, d1)
@@ -103,7 +116,26 @@ def _unfold_frames_triton(x: Tensor, batch: int, height: int, width: int, layout
     return out
 
 
-@_unfold_frames_triton.register_fake
+# ------------------------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op(f'{NAMESPACE}::fold_frames', mutates_args=())
+def _fold_frames_op(x: Tensor, batch: int, layout: str) -> Tensor:
+    return _fold_frames_forward(x, batch, layout)
+
+
+@_fold_frames_op.register_fake
+def _(x, batch, layout):
+    bt, c, h, w = x.shape
+    return x.new_empty(_folded_shape(batch * h * w, c, bt // batch, layout))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::unfold_frames', mutates_args=())
+def _unfold_frames_op(x: Tensor, batch: int, height: int, width: int, layout: str) -> Tensor:
+    return _unfold_frames_forward(x, batch, height, width, layout)
+
+
+@_unfold_frames_op.register_fake
 def _(x, batch, height, width, layout):
     _, d1, d2 = x.shape
     c, t = (d1, d2) if layout == 'c t' else (d2, d1)
@@ -117,7 +149,7 @@ def _fold_setup(ctx, inputs, output):
 
 def _fold_backward(ctx, grad):
     # the backward of a pure permutation is its inverse: unfold, through the op so double backward works too
-    return _unfold_frames_triton(grad, ctx.batch, *ctx.hw, ctx.layout), None, None
+    return _unfold_frames_op(grad, ctx.batch, *ctx.hw, ctx.layout), None, None
 
 
 def _unfold_setup(ctx, inputs, output):
@@ -126,35 +158,27 @@ def _unfold_setup(ctx, inputs, output):
 
 
 def _unfold_backward(ctx, grad):
-    return _fold_frames_triton(grad, ctx.batch, ctx.layout), None, None, None, None
+    return _fold_frames_op(grad, ctx.batch, ctx.layout), None, None, None, None
 
 
-_fold_frames_triton.register_autograd(_fold_backward, setup_context=_fold_setup)
-_unfold_frames_triton.register_autograd(_unfold_backward, setup_context=_unfold_setup)
+_fold_frames_op.register_autograd(_fold_backward, setup_context=_fold_setup)
+_unfold_frames_op.register_autograd(_unfold_backward, setup_context=_unfold_setup)
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
+# ------------------------------------------------------------------------------------------------ dispatch
+
 
 def fold_frames(x: Tensor, batch: int, layout: str = 'c t') -> Tensor:
     """(b t) c h w -> (b h w) c t  (or (b h w) t c)."""
-    if x.ndim != 4:
-        raise ValueError(f'fold_frames: expected a 4-dim (b t) c h w tensor, got shape {tuple(x.shape)}')
-    if batch < 1 or x.shape[0] % batch:
-        raise ValueError(f'fold_frames: leading dim {x.shape[0]} must be batch ({batch}) x frames')
-    _pattern(layout, 0)
+    _check_fold(x, batch, layout)
     if use_triton('fold_frames', x):
-        return _fold_frames_triton(x, batch, layout)
+        return _fold_frames_op(x, batch, layout)
     return fold_frames_ref(x, batch, layout)
 
 
 def unfold_frames(x: Tensor, batch: int, height: int, width: int, layout: str = 'c t') -> Tensor:
     """(b h w) c t -> (b t) c h w  (or from (b h w) t c)."""
-    if x.ndim != 3:
-        raise ValueError(f'unfold_frames: expected a 3-dim (b h w) c t tensor, got shape {tuple(x.shape)}')
-    if x.shape[0] != batch * height * width:
-        raise ValueError(f'unfold_frames: leading dim {x.shape[0]} must be batch*height*width = '
-                         f'{batch}*{height}*{width}')
-    _pattern(layout, 1)
+    _check_unfold(x, batch, height, width, layout)
     if use_triton('unfold_frames', x):
-        return _unfold_frames_triton(x, batch, height, width, layout)
+        return _unfold_frames_op(x, batch, height, width, layout)
     return unfold_frames_ref(x, batch, height, width, layout)

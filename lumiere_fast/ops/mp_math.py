@@ -27,3 +27,9 @@ def mp_add(x: Tensor, res: Tensor, t: float) -> Tensor:
 def pixel_norm(x: Tensor, dim: int = -1, eps: float = 1e-4) -> Tensor:
     """l2-normalise along ``dim`` (``F.normalize`` with ``eps``) and rescale to norm sqrt(size)."""
     return F.normalize(x, dim=dim, eps=eps) * sqrt(x.shape[dim])
+
+
+def mp_add_coeffs(t: float) -> tuple[float, float]:
+    """(a, b) with ``mp_add(x, res, t) == a * x + b * res``: the two weights the kernels fold into their epilogues."""
+    den = sqrt((1 - t) ** 2 + t ** 2)
+    return (1 - t) / den, t / den

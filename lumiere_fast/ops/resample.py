@@ -8,11 +8,11 @@
 The MP references run on a b c t (h w) view: the time convolution as a (k, 1) conv2d and the interpolation as
 a bilinear resize whose second axis keeps its size (exactly upstream's (t, 1) bilinear resize, per pixel).
 
-Triton path (``lumiere_fast.kernels.resample``): one custom op ``lumiere_fast::temporal_resample`` for all four,
-each output frame an implicit GEMM over (tap, in-channel) with the stride / transposition / interpolation folded
-into the input loads of the frames layout (no fold copies). Backward: ``lumiere_fast::temporal_resample_grad_input``
-(the adjoint convolution, again one of the kernel's modes) and ``lumiere_fast::temporal_resample_grad_weight``
-(a split (b, t, h w) reduction; the splits are summed in fp32 afterwards).
+Triton path (``kernels/resample.py``): one custom op ``lumiere_fast::temporal_resample`` for all four, each output
+frame an implicit GEMM over (tap, in-channel) with the stride / transposition / interpolation folded into the input
+loads of the frames layout (no fold copies). Backward, ``lumiere_fast::temporal_resample_backward``: grad input is
+the adjoint convolution (again one of the kernel's modes), grad weight (and bias) a split (b, t, h w) reduction
+whose splits are summed in fp32 afterwards; each is computed only when autograd asks for it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import NAMESPACE, dot_precision, grid_1d, new_output, use_triton
+from ._triton import NAMESPACE, cdiv, dot_precision, grid_1d, new_output, target_programs, use_triton
 from .fold import fold_frames_ref, unfold_frames_ref
-from .temporal_conv1d import frames_as_time_major, time_major_as_frames
+from .layout import frames_as_time_major, time_major_as_frames
 
 
 def _check(name, x, weight, batch, down):
@@ -71,14 +71,20 @@ def mp_temporal_upsample_ref(x: Tensor, weight: Tensor, batch: int) -> Tensor:
     return _mp_resample_ref(x, weight, batch, x.shape[0] // batch * 2)
 
 
-# ---------------------------------------------------------------------------------------------- Triton path
+# ------------------------------------------------------------------------------------------ Triton launchers
+
+
+def _kernels():
+    from ..kernels import resample as k
+    return k
+
 
 def _frames_out(mode: str, t: int) -> int:
     return t // 2 if mode in ('down', 'mp_down') else t * 2
 
 
 def _merged(t: Tensor) -> bool:
-    """Pixels (h, w) walk with the single stride s_w (see kernels.resample._pix_offsets)."""
+    """Pixels (h, w) walk with the single stride s_w (see kernels.grid.pixel_offsets)."""
     return t.shape[-2] == 1 or t.stride(-2) == t.shape[-1] * t.stride(-1)
 
 
@@ -88,34 +94,30 @@ def _forward_plan(mode: str, t_in: int):
     scale = t_in / t_out is F.interpolate's source-index step for a given output size (align_corners=False);
     it is 2 or 1/2 here, exact in fp32, so the kernel's blend weights equal PyTorch's.
     """
-    from lumiere_fast.kernels import resample as K
+    k = _kernels()
     t_out = _frames_out(mode, t_in)
     if mode == 'down':
-        return K.MODE_DOWN, 1, t_out, 1.0
+        return k.MODE_DOWN, 1, t_out, 1.0
     if mode == 'up':
-        return K.MODE_UP, 1, t_out, 1.0
-    return K.MODE_INTERP, 2, t_out, t_in / t_out
+        return k.MODE_UP, 1, t_out, 1.0
+    return k.MODE_INTERP, 2, t_out, t_in / t_out
 
 
 def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batch: int, t_out: int,
                  kmode: int, nsrc: int, t_mid: int, scale: float) -> Tensor:
-    """(b t_src) c h w -> (b t_out) c h w through kernels.resample.resample_kernel (see its docstring).
+    """(b t_src) c h w -> (b t_out) c h w through _resample_kernel (see its docstring).
 
     w_strides: (o, i, k) strides that make W_k[o, i] for the kernel's output channel o and input channel i.
     """
-    import triton
-
-    from lumiere_fast.kernels.resample import resample_kernel
-
     bt, c, h, wd = src.shape
     t_src = bt // batch
     p = h * wd
     y = new_output((batch * t_out, c, h, wd), src)
 
     def grid(meta):
-        return grid_1d(batch * t_out * triton.cdiv(p, meta['BLOCK_P']) * triton.cdiv(c, meta['BLOCK_CO']))
+        return grid_1d(batch * t_out * cdiv(p, meta['BLOCK_P']) * cdiv(c, meta['BLOCK_CO']))
 
-    resample_kernel[grid](
+    _kernels()._resample_kernel[grid](
         src, w, bias if bias is not None else w, y,
         c, t_src, t_out, t_mid, p, wd, float(scale),
         *src.stride(), *w_strides, *y.stride(),
@@ -124,8 +126,7 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
     return y
 
 
-@torch.library.custom_op(f'{NAMESPACE}::temporal_resample', mutates_args=())
-def _resample_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, mode: str) -> Tensor:
+def _temporal_resample_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, mode: str) -> Tensor:
     """(b t) c h w -> (b t') c h w for mode in ('down', 'up', 'mp_down', 'mp_up'); weight (c, c, 3) as the
     matching ``*_ref`` takes it (ConvTranspose1d layout (c_in, c_out, 3) for 'up'), bias (c,) or None."""
     t = x.shape[0] // batch
@@ -136,54 +137,39 @@ def _resample_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: i
     return _launch_gemm(x, weight, w_strides, bias, batch, _frames_out(mode, t), kmode, nsrc, t_mid, scale)
 
 
-@_resample_triton.register_fake
-def _(x, weight, bias, batch, mode):
-    return x.new_empty((batch * _frames_out(mode, x.shape[0] // batch), *x.shape[1:]))
-
-
-@torch.library.custom_op(f'{NAMESPACE}::temporal_resample_grad_input', mutates_args=())
-def _resample_grad_input(grad: Tensor, weight: Tensor, batch: int, mode: str, frames_in: int) -> Tensor:
-    """d loss / d x of ``temporal_resample``: (b t') c h w -> (b frames_in) c h w.
+def _grad_input(grad: Tensor, weight: Tensor, batch: int, mode: str, frames_in: int) -> Tensor:
+    """d loss / d x: (b t') c h w -> (b frames_in) c h w.
 
     The adjoint is another mode of the same kernel, with each tap's weight transposed (W_k^T, by strides):
     down <-> up (a strided conv and its transpose), and for the MP pair the transposed 'same' conv (taps
     flipped) fused with the adjoint of the interpolation (MODE_INTERP_ADJ).
     """
-    from lumiere_fast.kernels import resample as K
+    k = _kernels()
     t_g = grad.shape[0] // batch
     if mode == 'down':
         s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[co, ci, k]
-        return _launch_gemm(grad, weight, (s1, s0, s2), None, batch, frames_in, K.MODE_UP, 1, frames_in, 1.0)
+        return _launch_gemm(grad, weight, (s1, s0, s2), None, batch, frames_in, k.MODE_UP, 1, frames_in, 1.0)
     if mode == 'up':
         s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[ci, co, k]
-        return _launch_gemm(grad, weight, (s0, s1, s2), None, batch, frames_in, K.MODE_DOWN, 1, frames_in, 1.0)
+        return _launch_gemm(grad, weight, (s0, s1, s2), None, batch, frames_in, k.MODE_DOWN, 1, frames_in, 1.0)
     # taps flipped: a tiny (c, c, 3) copy, cheaper than a negative-stride special case in the kernel
     wf = weight.flip(-1)
     s0, s1, s2 = wf.stride()
     # interpolated frames that touch one input frame: 1 when halving (m = i // 2), 4 when doubling (2i-1 .. 2i+2)
     nsrc = 1 if mode == 'mp_down' else 4
-    return _launch_gemm(grad, wf, (s1, s0, s2), None, batch, frames_in, K.MODE_INTERP_ADJ, nsrc, t_g,
+    return _launch_gemm(grad, wf, (s1, s0, s2), None, batch, frames_in, k.MODE_INTERP_ADJ, nsrc, t_g,
                         frames_in / t_g)
 
 
-@_resample_grad_input.register_fake
-def _(grad, weight, batch, mode, frames_in):
-    return grad.new_empty((batch * frames_in, *grad.shape[1:]))
-
-
-def _dw_split(bt_out: int, p: int, c: int, device: torch.device):
+def _dw_split(bt_out: int, p: int, c: int, x: Tensor):
     """(SPLIT_BJ, SPLIT_P, P_PER): how the (b t', h w) reduction of the weight gradient is cut across programs.
 
     Enough programs to fill the GPU (about 4 per SM) when the channel tiles alone are few; each split writes its
     own fp32 partial, so the splits stay bounded (memory: splits * 3 c^2 floats). Pixel chunks are multiples of
-    the widest BLOCK_P so that only the last chunk has a tail.
+    the widest BLOCK_P so that only the last chunk has a tail. Under the interpreter: few programs, but still
+    split, so tests cover both split axes.
     """
-    from triton import cdiv
-
-    if device.type == 'cuda':
-        target, granule = 4 * torch.cuda.get_device_properties(device).multi_processor_count, 128
-    else:                   # the interpreter: few programs, but still split, so tests cover both split axes
-        target, granule = 12, 16
+    target, granule = target_programs(x, interpreted=12), (128 if x.is_cuda else 16)
     tiles = 3 * cdiv(c, 64) ** 2
     splits = max(1, min(256, target // tiles))
     split_bj = min(bt_out, splits)
@@ -193,20 +179,15 @@ def _dw_split(bt_out: int, p: int, c: int, device: torch.device):
     return split_bj, split_p, p_per
 
 
-@torch.library.custom_op(f'{NAMESPACE}::temporal_resample_grad_weight', mutates_args=())
-def _resample_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, mode: str,
-                          has_bias: bool) -> tuple[Tensor, Tensor]:
-    """(d loss / d weight in weight's layout, d loss / d bias (c,), or an empty tensor when has_bias is False)."""
-    import triton
-
-    from lumiere_fast.kernels.resample import resample_dw_kernel
-
+def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, mode: str,
+                 has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """(d loss / d weight in weight's layout, d loss / d bias (c,) or None)."""
     bt, c, h, wd = x.shape
     t = bt // batch
     t_out = _frames_out(mode, t)
     p = h * wd
     kmode, nsrc, t_mid, scale = _forward_plan(mode, t)
-    split_bj, split_p, p_per = _dw_split(batch * t_out, p, c, x.device)
+    split_bj, split_p, p_per = _dw_split(batch * t_out, p, c, x)
     n_split = split_bj * split_p
     part = new_output((n_split, *weight.shape), x, torch.float32)
     part_b = new_output((n_split, c), x, torch.float32) if has_bias else part
@@ -214,23 +195,59 @@ def _resample_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, m
     d_o, d_i = (d1, d0) if mode == 'up' else (d0, d1)      # ConvTranspose1d weight: (ci, co, k)
 
     def grid(meta):
-        return grid_1d(n_split * 3 * triton.cdiv(c, meta['BLOCK_CO']) * triton.cdiv(c, meta['BLOCK_CI']))
+        return grid_1d(n_split * 3 * cdiv(c, meta['BLOCK_CO']) * cdiv(c, meta['BLOCK_CI']))
 
-    resample_dw_kernel[grid](
+    _kernels()._resample_weight_grad_kernel[grid](
         x, grad, part, part_b,
         c, t, t_out, t_mid, p, wd, float(scale),
-        batch * t_out, triton.cdiv(batch * t_out, split_bj), p_per, split_p,
+        batch * t_out, cdiv(batch * t_out, split_bj), p_per, split_p,
         *x.stride(), *grad.stride(), d_s, d_o, d_i, d2,
         SRC_MERGED=_merged(x), G_MERGED=_merged(grad),
         MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=dot_precision(x))
     gw = part.sum(0).to(weight.dtype)
-    gb = part_b.sum(0).to(weight.dtype) if has_bias else weight.new_empty((0,))
+    gb = part_b.sum(0).to(weight.dtype) if has_bias else None
     return gw, gb
 
 
-@_resample_grad_weight.register_fake
-def _(grad, x, weight, batch, mode, has_bias):
-    return torch.empty_like(weight), weight.new_empty((x.shape[1] if has_bias else 0,))
+def _temporal_resample_backward(grad: Tensor, x: Tensor | None, weight: Tensor, batch: int, mode: str,
+                                frames_in: int, has_bias: bool, need_input: bool, need_weight: bool):
+    """(grad x or None, grad weight or None, grad bias or None); ``need_weight`` covers the bias too (one
+    reduction computes both), and x is only read by it."""
+    gx = _grad_input(grad, weight, batch, mode, frames_in) if need_input else None
+    gw, gb = _grad_weight(grad, x, weight, batch, mode, has_bias) if need_weight else (None, None)
+    return gx, gw, gb
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_resample', mutates_args=())
+def _temporal_resample_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, mode: str) -> Tensor:
+    return _temporal_resample_forward(x, weight, bias, batch, mode)
+
+
+@_temporal_resample_op.register_fake
+def _(x, weight, bias, batch, mode):
+    return x.new_empty((batch * _frames_out(mode, x.shape[0] // batch), *x.shape[1:]))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_resample_backward', mutates_args=())
+def _temporal_resample_backward_op(grad: Tensor, x: Optional[Tensor], weight: Tensor, batch: int, mode: str,
+                                   frames_in: int, has_bias: bool, need_input: bool, need_weight: bool
+                                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias), each an empty (0,) tensor where not asked for (a custom op returns
+    tensors, not None)."""
+    grads = _temporal_resample_backward(grad, x, weight, batch, mode, frames_in, has_bias, need_input, need_weight)
+    return tuple(g if g is not None else weight.new_empty((0,)) for g in grads)
+
+
+@_temporal_resample_backward_op.register_fake
+def _(grad, x, weight, batch, mode, frames_in, has_bias, need_input, need_weight):
+    empty = weight.new_empty((0,))
+    gx = grad.new_empty((batch * frames_in, *grad.shape[1:])) if need_input else empty
+    gw = torch.empty_like(weight) if need_weight else empty.clone()
+    gb = weight.new_empty((weight.shape[0],)) if need_weight and has_bias else empty.clone()
+    return gx, gw, gb
 
 
 def _setup_context(ctx, inputs, output):
@@ -241,20 +258,19 @@ def _setup_context(ctx, inputs, output):
     ctx.batch, ctx.mode, ctx.has_bias = batch, mode, bias is not None
 
 
-def _backward(ctx, grad):
+def _autograd_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx = gw = gb = None
-    if need_x:
-        gx = _resample_grad_input(grad, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch)
-    if need_w or (need_b and ctx.has_bias):
-        gw, gb = _resample_grad_weight(grad, x, weight, ctx.batch, ctx.mode, ctx.has_bias)
-        gw = gw if need_w else None
-        gb = gb if (need_b and ctx.has_bias) else None
-    return gx, gw, gb, None, None
+    need_b = need_b and ctx.has_bias
+    gx, gw, gb = _temporal_resample_backward_op(grad, x, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch,
+                                                ctx.has_bias, need_x, need_w or need_b)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None)
 
 
-_resample_triton.register_autograd(_backward, setup_context=_setup_context)
+_temporal_resample_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
 
 
 def _supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -267,7 +283,7 @@ def _supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
 def _dispatch(name: str, mode: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, ref):
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if use_triton(name, *tensors, supported=_supported(x, weight, bias)):
-        return _resample_triton(x, weight, bias, batch, mode)
+        return _temporal_resample_op(x, weight, bias, batch, mode)
     return ref()
 
 

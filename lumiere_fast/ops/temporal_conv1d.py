@@ -5,48 +5,48 @@
     -> (n, c_out, t)         or (b t) c_out h w
 
 Reference: ``F.conv1d(x, weight, bias, padding=k // 2)``. The frames form runs the same convolution as a
-(k, 1) conv2d over a (b, c, t, h*w) view, which skips the fold/unfold copies.
+(k, 1) conv2d over a (b, c, t, h*w) view (``layout.frames_as_time_major``), which skips the fold/unfold copies.
 
-Native path: the C++/CUDA extension in ``csrc/`` (modules ``lumiere_fast._C``, CPU, and ``lumiere_fast._C_cuda``,
-CUDA; built by ``setup.py``, see ``csrc/README.md``) registers ``torch.ops.lumiere_fast_ext.temporal_conv1d`` and
-``..._grad_weight`` with ``TORCH_LIBRARY``; this module adds their fake (meta) kernels and autograd, so
-``torch.compile`` traces the op without a graph break. Both kernels read the (b t) c h w layout in place.
-Backward: grad input is the same op on grad_out with the flipped, transposed weight; grad weight is its own
-kernel; grad bias is a sum (ATen).
-
-Dispatch (``temporal_conv1d``; ``extension_status()`` says which builds loaded and why not):
+Three implementations, one dispatch (``temporal_conv1d``; ``backend.record_choices()`` records 'native',
+'triton' or 'reference' for each call):
 
 * backend ``reference``: always the reference.
-* CUDA tensors in the frames layout, fp32/fp16/bf16, k <= 15, all tensors of one dtype and device: the CUDA
-  extension when loaded. fp32 runs on CUDA cores in exact fp32; fp16/bf16 on tensor cores (WMMA) with fp32
-  accumulation. The (n, c, t) layout stays on cuDNN (its own layout: no fold to save). Not yet measured on a
-  GPU (no GPU in the session that wrote it): benchmarks/bench_conv1d.py has the cases.
-* CPU tensors: the CPU extension only where it measured faster than the reference: fp32/fp64, the frames
-  layout (b t) c h w with h*w >= 256 (``_cpu_native_wins`` has the numbers). The (n, c, t) layout has no
-  contiguous pixel axis to vectorise over, so it stays on the reference (mkldnn). fp16/bf16 on CPU take the
-  reference (the extension has no upcasting path).
-* otherwise, the frames layout: the Triton kernel for CUDA tensors (e.g. where the CUDA extension is not built)
-  and under the forced ``triton`` backend (which skips the extension); the (n, c, t) layout: the reference (a
-  forced ``triton`` backend warns once that no kernel handles it). The Triton path is the conv block's
-  implicit-GEMM temporal conv launched on its own (see the section below).
-``backend.record_choices()`` records 'native', 'triton' or 'reference' for each call.
+* native (the C++/CUDA extension, loaded by ``ops/extension.py``; ``extension_status()`` says which builds loaded
+  and why not). CUDA tensors in the frames layout, fp32/fp16/bf16, k <= 15, all tensors of one dtype and device:
+  fp32 on CUDA cores in exact fp32, fp16/bf16 on tensor cores (WMMA) with fp32 accumulation. The (n, c, t) layout
+  stays on cuDNN (its own layout: no fold to save). Not yet measured on a GPU: benchmarks/bench_temporal_conv1d.py
+  has the cases. CPU tensors only where it measured faster than the reference (``extension.cpu_native_wins``,
+  timings in csrc/README.md): fp32/fp64, the frames layout with h*w >= 256. The (n, c, t) layout has no contiguous
+  pixel axis to vectorise over, so it stays on the reference (mkldnn); fp16/bf16 on CPU take the reference (the
+  extension has no upcasting path).
+* Triton (``kernels/temporal_conv1d.py``), the frames layout otherwise: CUDA tensors where the CUDA extension is
+  not built, and the forced ``triton`` backend (which skips the extension). The (n, c, t) layout takes the
+  reference (a forced ``triton`` backend warns once that no kernel handles it).
+
+Triton path: forward is the implicit-GEMM conv kernel with the plain (EPI_NONE) or bias (EPI_BIAS) epilogue,
+grad input the same kernel on grad_out with the flipped, transposed weight, grad weight (and bias) the split-K
+weight-grad kernel (fp32 atomics). Frames layout only, read and written through strides (no fold copy). Its two
+launch helpers are public (``conv_frames``, ``conv_weight_grad``): the conv block builds its split paths and
+weight grads from them, attention its 1x1 projections' weight grads.
 """
 
 from __future__ import annotations
-
-import importlib
-import os
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import NAMESPACE, new_output, use_triton
+from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, target_programs,
+                      use_triton, zeros32)
+from .extension import cpu_native_wins, native_supported, native_temporal_conv1d
+from .layout import frames_as_time_major, time_major_as_frames
 
 OP = 'temporal_conv1d'
+
+# Tests set this: True runs the native op whenever the extension for the device is loaded and supports the
+# call (skipping the CPU speed rule), False never runs it; None applies the rules above.
+_force_native: bool | None = None
 
 
 def _check(x: Tensor, weight: Tensor, bias, batch):
@@ -75,30 +75,6 @@ def _check(x: Tensor, weight: Tensor, bias, batch):
             raise ValueError(f'temporal_conv1d: leading dim {x.shape[0]} is not batch ({batch}) x frames')
 
 
-def frames_as_time_major(x: Tensor, batch: int) -> Tensor:
-    """(b t) c h w -> b c t (h w), a view (no copy)."""
-    bt, c, h, w = x.shape
-    return x.reshape(batch, bt // batch, c, h * w).transpose(1, 2)
-
-
-def time_major_as_frames(y: Tensor, height: int, width: int) -> Tensor:
-    """b c t (h w) -> (b t) c h w (one copy)."""
-    b, c, t, _ = y.shape
-    return y.transpose(1, 2).reshape(b * t, c, height, width)
-
-
-def frames_as_time_last(x: Tensor, batch: int) -> Tensor:
-    """(b t) c h w -> b c (h w) t, a view (no copy)."""
-    bt, c, h, w = x.shape
-    return x.reshape(batch, bt // batch, c, h * w).permute(0, 2, 3, 1)
-
-
-def time_last_as_frames(y: Tensor, height: int, width: int) -> Tensor:
-    """b c (h w) t -> (b t) c h w (one copy)."""
-    b, c, _, t = y.shape
-    return y.permute(0, 3, 1, 2).reshape(b * t, c, height, width)
-
-
 def temporal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, batch: int | None = None) -> Tensor:
     k = weight.shape[-1]
     if x.ndim == 3:
@@ -108,136 +84,112 @@ def temporal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, b
     return time_major_as_frames(y, h, w)
 
 
-# ------------------------------------------------------------------------------------------ native extension
-
-EXT_NAMESPACE = 'lumiere_fast_ext'     # not 'lumiere_fast': the Python custom ops (torch.library) own that one
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_MAX_K = 15                        # csrc/temporal_conv1d_cuda.cu kMaxK: shared memory grows with k
-CPU_MIN_PIXELS = 256                   # h*w from which the CPU kernel wins (see _cpu_native_wins)
-
-_PKG_DIR = Path(__file__).resolve().parent.parent
-_status: dict[str, dict] = {}
-# Tests set this: True runs the native op whenever the extension for the device is loaded and supports the
-# call (skipping the CPU speed rule), False never runs it; None applies the rules above.
-_force_native: bool | None = None
+# ------------------------------------------------------------------------------------------ Triton launchers
 
 
-def _built_file(module: str) -> Path | None:
-    stem = module.rsplit('.', 1)[1]
-    hits = sorted(_PKG_DIR.glob(f'{stem}.*.so')) + sorted(_PKG_DIR.glob(f'{stem}.*.pyd'))
-    return hits[0] if hits else None
+def _kernels():
+    from ..kernels import temporal_conv1d as k
+    return k
 
 
-def _load_one(module: str, needs: str | None = None) -> dict:
-    if needs is not None and not _status.get(needs, {}).get('loaded'):
-        why = _status[needs]['why']
-        return {'loaded': False, 'why': f'needs the CPU extension, which defines the op schemas: {why}'}
-    if os.environ.get('LUMIERE_FAST_DISABLE_EXT', '0') == '1':
-        return {'loaded': False, 'why': 'disabled by LUMIERE_FAST_DISABLE_EXT=1'}
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        built = _built_file(module)
-        if built is None:
-            # never built (torch missing at install time, LUMIERE_FAST_BUILD_EXT=0, no nvcc, or a failed compile
-            # that pip printed a warning for): silent here, the reference runs, extension_status() says so
-            return {'loaded': False, 'why': f'{module} is not built (no {module.rsplit(".", 1)[1]}.*.so in '
-                                             f'{_PKG_DIR}); see csrc/README.md to build it ({e})'}
-        # built but unloadable (e.g. compiled against another torch): worth one warning
-        why = f'{built.name} is built but failed to load: {e}'
-        warnings.warn(f'lumiere_fast: {why}; temporal_conv1d falls back to the PyTorch reference. Rebuild with '
-                      f'pip install --no-build-isolation -e . (csrc/README.md)', RuntimeWarning, stacklevel=3)
-        return {'loaded': False, 'why': why}
-    except Exception as e:  # a registration error inside the library
-        warnings.warn(f'lumiere_fast: loading {module} failed ({e}); the PyTorch reference runs', RuntimeWarning,
-                      stacklevel=3)
-        return {'loaded': False, 'why': f'loading {module} failed: {e}'}
-    return {'loaded': True, 'why': 'loaded'}
+def flipped_weight(weight: Tensor) -> Tensor:
+    """w'[ci, co, k] = w[co, ci, K-1-k]: grad input is the 'same' conv of grad_out with it (a C*C*K copy)."""
+    return weight.transpose(0, 1).flip(-1)
 
 
-def _register_python_parts():
-    """Fake kernels (shapes only, for torch.compile / FakeTensor) and autograd of the C++ ops."""
-    conv = torch.ops.lumiere_fast_ext.temporal_conv1d
-    grad_weight = torch.ops.lumiere_fast_ext.temporal_conv1d_grad_weight
-
-    @torch.library.register_fake(f'{EXT_NAMESPACE}::temporal_conv1d')
-    def _conv_fake(x, weight, bias, batch):
-        shape = list(x.shape)
-        shape[1] = weight.shape[0]
-        return x.new_empty(shape)             # the C++ op returns a contiguous tensor too
-
-    @torch.library.register_fake(f'{EXT_NAMESPACE}::temporal_conv1d_grad_weight')
-    def _grad_weight_fake(grad_out, x, kernel_size, batch):
-        return x.new_empty((grad_out.shape[1], x.shape[1], kernel_size))
-
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, batch = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.batch = batch
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # d out / d x is the same 'same'-padded conv with the taps reversed and in/out channels swapped
-            grad_x = conv(grad, weight.flip(-1).transpose(0, 1), None, ctx.batch)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_weight(grad, x, weight.shape[-1], ctx.batch)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dims = (0, 2) if grad.ndim == 3 else (0, 2, 3)
-            grad_b = grad.sum(dims, dtype=torch.float32).to(grad.dtype)
-        return grad_x, grad_w, grad_b, None
-
-    torch.library.register_autograd(f'{EXT_NAMESPACE}::temporal_conv1d', backward, setup_context=setup_context)
+def conv_frames(x: Tensor, w: Tensor, out: Tensor, frames: int, epilogue: str = 'none', residual=None, bias=None,
+                gain=None, c_out=1., c_res=0., silu_scale=1.) -> Tensor:
+    """out (b t) c_out H W = epilogue(temporal conv of x (b t) c_in H W, ``frames`` per clip, with w (c_out, c_in,
+    k)), 'same' padding; any strides on x, w, out and residual. ``epilogue``: 'none'; 'bias' (+ bias); 'mp_silu'
+    (mp_silu with ``silu_scale``); 'mp_out' (c_out * gain * y + c_res * residual); 'bias_residual'
+    (y + bias + residual). The caller holds the device guard."""
+    k = _kernels()
+    n, c_in, _, width = x.shape
+    c_o, taps, p = w.shape[0], w.shape[-1], x.shape[-2] * x.shape[-1]
+    r = residual if residual is not None else out       # unused pointer arguments: the epilogue decides
+    k._temporal_conv1d_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(c_o, m['BLOCK_C']))](
+        x, *x.stride(), w, w.stride(0), w.stride(1), w.stride(2), r, *r.stride(), out, *out.stride(),
+        bias if bias is not None else out, gain if gain is not None else out, c_out, c_res, silu_scale,
+        n, frames, c_in, c_o, p, width, taps, taps // 2,
+        EPI=getattr(k, f'EPI_{epilogue.upper()}'), PREC=dot_precision(x), BLOCK_CI=dot_block(c_in, 32))
+    return out
 
 
-def _load():
-    _status['cpu'] = _load_one('lumiere_fast._C')
-    if torch.version.cuda is None and torch.version.hip is None:
-        _status['cuda'] = {'loaded': False, 'why': 'this torch build has no CUDA'}
-    else:
-        _status['cuda'] = _load_one('lumiere_fast._C_cuda', needs='cpu')
-    if _status['cpu']['loaded']:
-        _register_python_parts()
+def conv_weight_grad(dy: Tensor, x: Tensor, frames: int, taps: int, with_bias: bool):
+    """(dw (c_out, c_in, taps), db (c_out,) or None) in fp32: the sum over frames and pixels of dy (x) x at each
+    tap, dy (b t) c_out H W and x (b t) c_in H W (any strides). taps = 1: a 1x1 projection's weight grad (dy (x) x
+    per pixel). The caller holds the device guard."""
+    k = _kernels()
+    n, c_o, _, width = dy.shape
+    c_i, p = x.shape[1], x.shape[-2] * x.shape[-1]
+    b_co, b_ci, b_p = k.WGRAD_BLOCKS
+    dw = zeros32(c_o, c_i, taps, like=x)
+    db = zeros32(c_o, like=x) if with_bias else dw
+    tiles = taps * cdiv(c_o, b_co) * cdiv(c_i, b_ci)
+    rows = n * cdiv(p, b_p)
+    rows_per_prog = cdiv(rows, max(1, min(rows, target_programs(x) // tiles)))
+    k._temporal_conv1d_weight_grad_kernel[grid_1d(cdiv(rows, rows_per_prog) * tiles)](
+        dy, *dy.stride(), x, *x.stride(), dw, db, n, frames, c_o, c_i, p, width, taps, taps // 2, rows_per_prog,
+        HAS_BIAS=with_bias, PREC=dot_precision(x), BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=k.WGRAD_WARPS)
+    return dw, (db if with_bias else None)
 
 
-_load()
+def _temporal_conv1d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
+    out = new_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
+    with device_guard(x):
+        return conv_frames(x, weight, out, x.shape[0] // batch, 'bias' if bias is not None else 'none', bias=bias)
 
 
-def extension_status() -> dict:
-    """``{'cpu': {'loaded': bool, 'why': str}, 'cuda': {...}}``: which native builds of temporal_conv1d are
-    loaded, and if not, why (not built, failed to load, no CUDA in torch, disabled)."""
-    return {k: dict(v) for k, v in _status.items()}
+def _temporal_conv1d_backward(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool):
+    frames = x.shape[0] // batch
+    grad_x = new_output(x.shape, x)
+    with device_guard(x):
+        conv_frames(grad, flipped_weight(weight), grad_x, frames)
+        grad_w, grad_b = conv_weight_grad(grad, x, frames, weight.shape[-1], with_bias)
+    return grad_x, grad_w.to(weight.dtype), (grad_b.to(weight.dtype) if with_bias else None)
 
 
-def _cpu_native_wins(x: Tensor) -> bool:
-    """Where the CPU kernel measured faster than the reference (``temporal_conv1d_ref``: mkldnn conv2d over the
-    frames view plus one copy back). fp32, k=3, B=2, T=8, c_in = c_out, 2 threads, min of 15 interleaved runs, one
-    run on the 2-core AVX-512 dev VM (load < 1), 2026-11-25; ms ours / reference, forward and forward+backward:
-
-        C=32  16x16  0.31 / 0.64   0.87 / 1.82      C=32  32x32   1.00 / 2.63    2.66 / 3.86
-        C=64  16x16  0.58 / 0.63   2.09 / 2.28      C=64  32x32   2.55 / 5.92    7.54 / 11.44
-        C=128 16x16  2.15 / 2.26   6.73 / 7.24      C=128 32x32   8.55 / 16.34  27.62 / 38.98
-        C=16  8x8 (B=1) 0.07 / 0.05  0.29 / 0.22    C=256 8x8 (T=4) 0.98 / 1.04  3.83 / 3.61
-
-    Against upstream's fold + F.conv1d + unfold ours is faster in every case above (forward 1.3x-4.1x,
-    forward+backward 1.3x-2.6x). So: the frames layout with at least 16x16 pixels. At 8x8 the per-call set-up
-    (weight packing, thread pool) and short pixel rows make it a tie or a loss against mkldnn; the (n, c, t) layout
-    (1 pixel) runs scalar code and loses by far."""
-    return x.ndim == 4 and x.shape[-1] * x.shape[-2] >= CPU_MIN_PIXELS
+# ------------------------------------------------------------------------------------------ custom ops
 
 
-def _native_supported(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
-        return False
-    if x.is_cuda:
-        return _status['cuda']['loaded'] and x.dtype in CUDA_DTYPES and weight.shape[-1] <= CUDA_MAX_K
-    if x.device.type == 'cpu':
-        return _status['cpu']['loaded'] and x.dtype in CPU_DTYPES
-    return False
+@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d', mutates_args=())
+def _temporal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
+    return _temporal_conv1d_forward(x, weight, bias, batch)
+
+
+@_temporal_conv1d_op.register_fake
+def _(x, weight, bias, batch):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d_backward', mutates_args=())
+def _temporal_conv1d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_w, grad_b = _temporal_conv1d_backward(grad, x, weight, batch, with_bias)
+    return grad_x, grad_w, grad_b if grad_b is not None else weight.new_zeros(weight.shape[0])
+
+
+@_temporal_conv1d_backward_op.register_fake
+def _(grad, x, weight, batch, with_bias):
+    return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, batch = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.batch, ctx.has_bias = batch, bias is not None
+
+
+def _autograd_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _temporal_conv1d_backward_op(grad, x, weight, ctx.batch, ctx.has_bias)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+
+
+_temporal_conv1d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
 
 
 def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -245,94 +197,24 @@ def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if backend.get_backend() == 'triton' and not _force_native:
         return False         # a forced Triton backend runs the Triton kernel, not the extension
-    if not _native_supported(x, weight, bias):
+    if not native_supported(x, weight, bias):
         return False
     if _force_native:
         return True
     # (n, c, t) stays on cuDNN / mkldnn: it is their native layout (nothing to save), and the kernels' pixel
     # axis is strided (CUDA) or absent (CPU) there
-    return x.ndim == 4 and (x.is_cuda or _cpu_native_wins(x))
+    return x.ndim == 4 and (x.is_cuda or cpu_native_wins(x))
 
-
-# ------------------------------------------------------------------------------------------ Triton path
-#
-# The conv block's implicit-GEMM temporal conv (lumiere_fast/kernels/conv_block.py), launched on its own: the
-# forward is conv_epilogue_kernel with the plain (EPI_NONE) or bias (EPI_BIAS) epilogue, grad input the same
-# kernel on grad_out with the flipped, transposed weight, grad weight (and bias) weight_grad_kernel (split-K, fp32
-# atomics). Frames layout only, read and written through strides (no fold copy). It serves CUDA tensors when the
-# CUDA extension is not built, and the forced ``triton`` backend.
-
-def _conv_launchers():
-    from . import conv_block      # imported here: conv_block imports this module's layout helpers
-    return conv_block
-
-
-def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
-    cb = _conv_launchers()
-    kern = cb._kernels()
-    out = new_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
-    with cb._device(x):
-        return cb._conv(kern, x, weight, out, x.shape[0] // batch, kern.EPI_BIAS if bias is not None else kern.EPI_NONE,
-                        bias=bias)
-
-
-def _triton_backward(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool):
-    cb = _conv_launchers()
-    kern = cb._kernels()
-    frames = x.shape[0] // batch
-    grad_x = new_output(x.shape, x)
-    with cb._device(x):
-        cb._conv(kern, grad, cb._flipped(weight), grad_x, frames, kern.EPI_NONE)
-        grad_w, grad_b = cb._weight_grad(kern, grad, x, frames, weight.shape[-1], with_bias)
-    return grad_x, grad_w.to(weight.dtype), (grad_b.to(weight.dtype) if with_bias else None)
-
-
-@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d', mutates_args=())
-def _triton_op(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int) -> Tensor:
-    return _triton_forward(x, weight, bias, batch)
-
-
-@_triton_op.register_fake
-def _(x, weight, bias, batch):
-    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
-
-
-@torch.library.custom_op(f'{NAMESPACE}::temporal_conv1d_backward', mutates_args=())
-def _triton_backward_op(grad: Tensor, x: Tensor, weight: Tensor, batch: int, with_bias: bool
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_w, grad_b = _triton_backward(grad, x, weight, batch, with_bias)
-    return grad_x, grad_w, grad_b if grad_b is not None else weight.new_zeros(weight.shape[0])
-
-
-@_triton_backward_op.register_fake
-def _(grad, x, weight, batch, with_bias):
-    return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty(weight.shape[0])
-
-
-def _triton_setup_context(ctx, inputs, output):
-    x, weight, bias, batch = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.batch, ctx.has_bias = batch, bias is not None
-
-
-def _triton_autograd_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _triton_backward_op(grad, x, weight, ctx.batch, ctx.has_bias)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
-
-
-_triton_op.register_autograd(_triton_autograd_backward, setup_context=_triton_setup_context)
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
 
 def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int | None = None) -> Tensor:
+    """(n, c_in, t) -> (n, c_out, t), or (b t) c_in h w -> (b t) c_out h w with ``batch=b``; see the module
+    docstring for which implementation runs."""
     _check(x, weight, bias, batch)
     if _use_native(x, weight, bias):
         backend.record(OP, 'native')
-        return torch.ops.lumiere_fast_ext.temporal_conv1d(x, weight, bias, batch if x.ndim == 4 else 0)
+        return native_temporal_conv1d(x, weight, bias, batch)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     supported = x.ndim == 4 and x.numel() > 0 and all(t.dtype == x.dtype for t in tensors)
     if use_triton(OP, *tensors, supported=supported):
-        return _triton_op(x, weight, bias, batch)
+        return _temporal_conv1d_op(x, weight, bias, batch)
     return temporal_conv1d_ref(x, weight, bias, batch)

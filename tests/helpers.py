@@ -1,0 +1,118 @@
+"""Shared test helpers (imported as ``from helpers import ...``): the tolerance table and the one comparison
+helper, upstream comparison, parameter perturbation, a small KarrasUnet, strided frames, the sm_90 compile check.
+
+Not in ``conftest.py``: a combined ``pytest tests benchmarks`` imports both folders' conftest modules under the
+one name ``conftest``, so a test importing from it could get the other one. Fixtures stay in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The one tolerance table: the norm-wise relative error ||ours - ref|| / ||ref|| allowed per dtype of the inputs,
+# ours against a reference computed in fp32 (fp64 for fp64) from the same rounded inputs. fp32 is also the
+# modules' and the wrapper's parity with upstream (fp32 sums in another order); fp16/bf16 are their rounding of
+# the inputs and outputs (10 / 7 mantissa bits) after fp32 accumulation. 'tf32': fp32 through TF32 tensor cores
+# (10 mantissa bits), what the kernels and cuDNN do on a GPU by default (torch.backends.cudnn.allow_tf32).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, 'tf32': 5e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+PARITY_RTOL = TOL      # modules and wrapper vs lumiere-pytorch: the same table (fp32)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close_rel(ours, ref, rtol=1e-5, atol=0., what=''):
+    """||ours - ref|| <= rtol * ||ref|| + atol (norm-wise relative error, with an absolute noise floor); ours must
+    be finite (a NaN-poisoned element that no program wrote fails). ``rtol``: an entry of ``TOL``; ``atol``: the
+    noise floor of a gradient whose reference is (near) zero; ``rtol=0, atol=0``: bit-exact."""
+    assert ours.shape == ref.shape, f'{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}'
+    assert torch.isfinite(ours).all(), f'{what}: non-finite values'
+    diff = (ours.detach().double() - ref.detach().double()).norm().item()
+    ref_norm = ref.detach().double().norm().item()
+    assert diff <= rtol * ref_norm + atol, \
+        f'{what}: |diff| {diff:.3g} > {rtol:g} * |ref| {ref_norm:.3g} + {atol:.3g} (relative {rel_err(ours, ref):.3g})'
+
+
+@torch.no_grad()
+def perturb_(module: torch.nn.Module, scale: float = 0.3, generator=None):
+    """Move every parameter off its init (zero-init projections and gains included), at its own scale."""
+    for p in module.parameters():
+        std = p.std().item() if p.numel() > 1 else 0.
+        s = scale * (std if std > 0 else 1.)
+        p.add_(torch.randn(p.shape, generator=generator) * s)
+
+
+def small_unet(**overrides):
+    from denoising_diffusion_pytorch import KarrasUnet
+    kw = dict(image_size=16, dim=8, channels=3, dim_max=32, num_downsamples=2, num_blocks_per_stage=1,
+              attn_res=(4,), dropout=0.)
+    kw.update(overrides)
+    unet = KarrasUnet(**kw)
+    with torch.no_grad():          # the output Gain starts at 0: give the image model a non-zero output
+        for name, p in unet.named_parameters():
+            if name.endswith('gain'):
+                p.fill_(0.7)
+    return unet
+
+
+SMALL_UNET_NAMES = dict(conv_module_names=['downs.0', 'ups.2'], attn_module_names=['mids.0'],
+                        downsample_module_names=['downs.1'], upsample_module_names=['ups.1'])
+
+
+def strided_frames(b, t, c, H, W, dtype, layout='contiguous', device='cpu'):
+    """A (b t) c H W tensor: contiguous, a channel slice of a wider tensor, or a permuted (channels-last) view."""
+    if layout == 'slice':
+        return torch.randn(b * t, c + 3, H, W, dtype=dtype, device=device)[:, 1:c + 1]
+    if layout == 'permuted':
+        return torch.randn(b * t, H, W, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.randn(b * t, c, H, W, dtype=dtype, device=device)
+
+
+_SM90_PRELUDE = r'''
+import os
+os.environ.pop('TRITON_INTERPRET', None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_for_h100(kernel, consts, dt='bf16', warps=4):
+    """Compile one specialisation of ``kernel`` for sm_90: pointer arguments (named *_ptr) of dtype dt, fp32 for
+    F32_BUFFERS; scalars i32, fp32 for FLOATS; ``consts`` are the constexprs."""
+    fn = kernel
+    while not isinstance(fn, triton.JITFunction):
+        fn = fn.fn
+    def arg_type(a):
+        if a.endswith('_ptr'):
+            return '*fp32' if a in F32_BUFFERS else '*' + dt
+        return 'fp32' if a in FLOATS else 'i32'
+    sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
+'''
+
+
+def compile_for_sm90(calls: str, f32_buffers=(), floats=()):
+    """Run ``calls`` (``compile_for_h100(kernel, consts, dt=..., warps=...)`` lines, which compile kernels for
+    sm_90 through Triton's ahead-of-time API) in a subprocess without TRITON_INTERPRET: the interpreter never
+    lowers a kernel, so GPU-only lowering errors surface here on a machine without a GPU. ``f32_buffers``: pointer
+    arguments that are fp32 whatever the kernel's dtype; ``floats``: fp32 scalar arguments."""
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f'this triton has no ahead-of-time compile API: {e}')
+    script = (_SM90_PRELUDE + f'F32_BUFFERS = {set(f32_buffers)!r}\nFLOATS = {set(floats)!r}\n' + calls
+              + "\nprint('compiled')\n")
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and 'compiled' in run.stdout, run.stderr[-3000:]
