@@ -12,7 +12,7 @@ scalar loss into the input and every parameter); peak memory of each. CPU: one s
 ``bench_attention_large_grid`` (CUDA only) runs a problem with B*H*W*heads > 65,535 programs' worth of (clip,
 pixel, head) work, checks ours against the fp32 reference output (and input gradient) before timing it.
 
-Timing and peak memory: conftest.run_benchmark. Rates (conftest.record_rates), per layer (depth 1), with
+Timing and peak memory: harness.run_benchmark. Rates (harness.record_rates), per layer (depth 1), with
 N = B H W sequences of T frames, h heads of d channels, m memory keys (MP: 4, non-MP: 0), C channels:
   flops (forward) = 2 N T C 3hd (qkv) + 4 N h T (T+m) d (QK^T and PV) + 2 N T hd C (out) + 2 N T C C (proj_out);
   forward+backward: 3x forward;
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (compile_fresh, compiled_or_skip, describe, device_or_skip, frames_module_steps, record_rates,
+from harness import (compile_fresh, compiled_or_skip, describe, device_or_skip, frames_module_steps, record_rates,
                       rounds, run_benchmark, upstream_or_skip)
 
 BLOCKS = ['MPAttentionInflationBlock', 'AttentionInflationBlock']

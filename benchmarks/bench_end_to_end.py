@@ -14,7 +14,7 @@ a scalar loss + AdamW step over the temporal parameters (``model.parameters()``,
 to the temporal modules; the KarrasUnet stays frozen). 'upstream_compiled' is ``torch.compile(upstream model)``
 (default mode), compiled by the warm-up call, outside every measurement; the optimizer step stays eager for all.
 
-Timing and peak memory: conftest.run_benchmark (CUDA events over a ring of inputs > 2 x L2; peak memory =
+Timing and peak memory: harness.run_benchmark (CUDA events over a ring of inputs > 2 x L2; peak memory =
 max_memory_allocated over one step after a reset, model, optimizer state and one input included).
 """
 
@@ -25,7 +25,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import (compile_fresh, compiled_or_skip, describe, device_or_skip, rounds, run_benchmark,
+from harness import (compile_fresh, compiled_or_skip, describe, device_or_skip, rounds, run_benchmark,
                       upstream_or_skip)
 
 CONFIGS = {

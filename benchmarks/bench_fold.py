@@ -3,8 +3,8 @@
 A fold/unfold is a pure copy, so x.clone() (a plain device copy of the same bytes) is its speed of light. Each
 case records the achieved GB/s (read + write: 2 * bytes / median time) and, for ours and einops, the ratio to
 x.clone()'s GB/s on the same tensor (issue 3's target for ours: >= 0.85), and the fraction of the device's
-copy bandwidth measured once per run (conftest.record_rates; bytes = 2 * x.numel() * element_size).
-Timing: conftest.run_benchmark (CUDA events over a ring of input copies larger than L2 on CUDA).
+copy bandwidth measured once per run (harness.record_rates; bytes = 2 * x.numel() * element_size).
+Timing: harness.run_benchmark (CUDA events over a ring of input copies larger than L2 on CUDA).
 
 CUDA: bf16 at the conv levels of a 64x64 KarrasUnet (dim 192, dim_max 768), B=2, T=16. CPU: one small fp32
 shape as a smoke case (there `lumiere_fast` runs whatever dispatch picks: the reference under the default
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (DEVICES, L2_BYTES, MAX_RING, describe, device_or_skip, median_of, median_seconds, record_rates,
+from harness import (DEVICES, L2_BYTES, MAX_RING, describe, device_or_skip, median_of, median_seconds, record_rates,
                       rounds, run_benchmark)
 from lumiere_fast import backend, ops
 

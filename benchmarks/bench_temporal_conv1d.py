@@ -8,15 +8,15 @@ impl (schema: /benchmarks, extra_info['impl']):
   cudnn_conv1d             F.conv1d on an already folded tensor (fold time excluded)
   gemm_cublas              (CUDA) torch.mm of the same M/N/K: M = c_out, N = b*t*h*w, K = c_in*k, the speed of
                            light the issue holds ours to (within 1.5x)
-  triton                   (CUDA) ops.temporal_conv1d under the triton backend: the conv block's implicit-GEMM
-                           conv kernel launched on its own (the path CUDA users get without the extension)
+  triton                   (CUDA) ops.temporal_conv1d under the triton backend: its implicit-GEMM conv kernel
+                           (kernels/temporal_conv1d.py, the path CUDA users get without the extension)
 phase: 'fwd' (forward) and 'fwd+bwd' (forward + backward of x, weight, bias).
 
 CUDA: bf16, C in {192, 384, 768} at 64x64/32x32/16x16/8x8 (the conv levels of the Triton issue), B=2, T=16.
 CPU: fp32, B=2, T=8, C in {32, 64, 128} at 16x16/32x32 (the model's CPU sizes; the conv block and resample
 convs are this same (c, c, 3) conv over frames). Each case records achieved TFLOP/s (2 * M * N * K / median).
 
-Also a script: ``python benchmarks/bench_conv1d.py [--device cpu|cuda]`` prints medians and ratios.
+Also a script: ``python benchmarks/bench_temporal_conv1d.py [--device cpu|cuda]`` prints medians and ratios.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import device_or_skip, median_seconds, sync  # noqa: E402
+from harness import device_or_skip, median_seconds, sync  # noqa: E402
 
 from lumiere_fast import backend  # noqa: E402
 from lumiere_fast.ops import extension_status, temporal_conv1d, temporal_conv1d_ref  # noqa: E402

@@ -7,7 +7,7 @@
 Records follow the schema in benchmarks/README.md: ``group`` = the case, ``extra_info['impl']`` = the
 implementation ('lumiere_fast' = ours, 'upstream' = lumiere-pytorch eager, 'upstream_compiled' =
 torch.compile(upstream), anything else = another baseline). The median of a record is
-``extra_info['median_s']`` (CUDA events, conftest.run_benchmark) where present, else pytest-benchmark's
+``extra_info['median_s']`` (CUDA events, harness.run_benchmark) where present, else pytest-benchmark's
 ``stats.median``. Ratios are baseline median / ours median in one group (> 1: ours is faster); the memory
 ratio is ours peak / baseline peak (< 1: ours uses less).
 
@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 OURS, EAGER, COMPILED = 'lumiere_fast', 'upstream', 'upstream_compiled'
 SECTIONS = OrderedDict([
     ('bench_end_to_end.py', 'End to end: MPLumiere / Lumiere around a KarrasUnet'),
-    ('bench_blocks.py', 'Temporal blocks: convolution, down/upsample'),
+    ('bench_conv_block.py', 'Temporal conv blocks'),
+    ('bench_resample.py', 'Temporal down/upsample'),
     ('bench_attention.py', 'Temporal attention blocks'),
-    ('bench_conv1d.py', 'Temporal conv1d'),
+    ('bench_temporal_conv1d.py', 'Temporal conv1d'),
     ('bench_fold.py', 'Frame fold / unfold'),
 ])
 

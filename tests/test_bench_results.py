@@ -99,9 +99,9 @@ def _synthetic(path: Path) -> Path:
         _bench(train, 'upstream_compiled', 0.013, phase='train step', peak_mem_MiB=1600., **e2e),
         _bench(fwd, 'lumiere_fast', 0.004, phase='forward', peak_mem_MiB=300., **e2e),
         _bench(fwd, 'upstream', 0.0048, phase='forward', peak_mem_MiB=400., **e2e),       # no compiled record
-        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'lumiere_fast', 2e-5, 'bench_blocks.py',
+        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'lumiere_fast', 2e-5, 'bench_resample.py',
                achieved_GBps=2000., fraction_of_copy=0.6, achieved_TFLOPs=10., fraction_of_gemm=0.02),
-        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'upstream', 8e-5, 'bench_blocks.py'),
+        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'upstream', 8e-5, 'bench_resample.py'),
     ]
     env = {'torch': '2.14.1', 'triton': '3.8.0', 'python': '3.12.3', 'device': 'NVIDIA H100 80GB HBM3',
            'cuda': '13.0', 'device_rates': {'cuda': {'device_copy_GBps': 3000., 'device_bf16_gemm_TFLOPs': 700.}}}
