@@ -1,0 +1,293 @@
+"""The elementwise chains of the frozen image model (denoising-diffusion-pytorch's ``KarrasUnet``), fused.
+
+Every tensor is an image batch ``b c h w`` (frames ``(b t) c h w`` inside Lumiere). The MP-SiLU divisor (0.596)
+and the MP-add weight of the branch are linear, so ``modules/karras.py`` folds them into the cached weight of
+the conv that follows (or precedes); what is left for these ops is plain SiLU:
+
+    pixel_norm_silu(x)    -> (y, silu(y)),  y = pixel_norm(x) over c    Encoder: the residual and block1's input
+    scale_silu(x, scale)  -> silu(x * scale[b, c])                      the embedding modulation before block2
+    mp_cat(a, b, t)       -> MPCat over c, in one write                 the decoder's skip concatenation
+
+(``mp_add`` needs no op: with the branch weight folded into the conv it is one ``torch.add(res, x, alpha=)``.)
+
+Triton path (``lumiere_fast.kernels.karras``): forward and the input-gradient backward of each. The frozen image
+model needs input gradients only; a ``scale`` that requires grad gets its gradient from a PyTorch reduction in
+the backward (it never does inside Lumiere: the embedding is frozen).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from math import sqrt
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._triton import KERNEL_DTYPES, NAMESPACE, grid_1d, new_output, use_triton
+
+PIXEL_NORM_EPS = 1e-4      # upstream's PixelNorm default (the paper's high epsilon)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _check_images(name: str, x: Tensor, what: str = 'x') -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f'{name}: expected {what} as a 4-dim b c h w tensor, got shape {tuple(getattr(x, "shape", ()))}')
+
+
+def _check_scale(x: Tensor, scale: Tensor) -> None:
+    if scale.shape != x.shape[:2]:
+        raise ValueError(f'scale_silu: expected scale of shape {tuple(x.shape[:2])} (b, c), got {tuple(scale.shape)}')
+
+
+def _check_cat(a: Tensor, b: Tensor) -> None:
+    _check_images('mp_cat', a, 'a')
+    _check_images('mp_cat', b, 'b')
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f'mp_cat: a {tuple(a.shape)} and b {tuple(b.shape)} must agree except in channels')
+
+
+def mp_cat_coefficients(na: int, nb: int, t: float) -> tuple[float, float]:
+    """MPCat's per-half factors (Karras et al. eq. 103): out = cat(a * ca, b * cb)."""
+    c = sqrt((na + nb) / ((1. - t) ** 2 + t ** 2))
+    return c * (1. - t) / sqrt(na), c * t / sqrt(nb)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+def pixel_norm_silu_ref(x: Tensor, eps: float = PIXEL_NORM_EPS) -> tuple[Tensor, Tensor]:
+    """b c h w -> (y, silu(y)), y = l2-normalised over c (``F.normalize`` with eps) times sqrt(c)."""
+    y = F.normalize(x, dim=1, eps=eps) * sqrt(x.shape[1])
+    return y, F.silu(y)
+
+
+def scale_silu_ref(x: Tensor, scale: Tensor) -> Tensor:
+    """b c h w, (b, c) -> b c h w: silu(x * scale)."""
+    return F.silu(x * scale[:, :, None, None])
+
+
+def mp_cat_ref(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
+    """b ca h w, b cb h w -> b (ca + cb) h w: upstream's MPCat over channels, one per-channel multiply after the
+    cat instead of scaling each half and the result (two passes instead of four)."""
+    ca, cb = mp_cat_coefficients(a.shape[1], b.shape[1], t)
+    coeff = torch.cat([a.new_full((a.shape[1],), ca), b.new_full((b.shape[1],), cb)])
+    return torch.cat((a, b), dim=1) * coeff[:, None, None]
+
+
+# ------------------------------------------------------------------------------------------------ Triton launchers
+#
+# Kernels take contiguous b c (h w) tensors (what the convs around them produce), so a channel step is P = h*w
+# elements and the pixel axis is the contiguous one: every load is a run of BLOCK_P pixels.
+
+def _kernels():
+    from ..kernels import karras as k
+    return k
+
+
+def _device(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+
+
+def _pixel_norm_grid(x: Tensor, block_p: int) -> tuple[int]:
+    b, _, h, w = x.shape
+    return grid_1d(b * -(-(h * w) // block_p))
+
+
+def _pixel_norm_silu_forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """b c h w -> y, silu(y) (b c h w, contiguous), norm (b, h*w) fp32 (saved for the backward)."""
+    k = _kernels()
+    x = x.contiguous()
+    b, c, h, w = x.shape
+    y, s = new_output(x.shape, x), new_output(x.shape, x)
+    norm = new_output((b, h * w), x, torch.float32)
+    block_c, block_p, warps = k.PIXEL_NORM_BLOCKS
+    with _device(x):
+        k.pixel_norm_silu_fwd_kernel[_pixel_norm_grid(x, block_p)](
+            x, y, s, norm, c, h * w, sqrt(c), eps, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return y, s, norm
+
+
+def _pixel_norm_silu_backward(grad_y: Tensor, grad_s: Tensor, x: Tensor, norm: Tensor, eps: float) -> Tensor:
+    k = _kernels()
+    x, grad_y, grad_s = x.contiguous(), grad_y.contiguous(), grad_s.contiguous()
+    b, c, h, w = x.shape
+    dx = new_output(x.shape, x)
+    block_c, block_p, warps = k.PIXEL_NORM_BLOCKS
+    with _device(x):
+        k.pixel_norm_silu_bwd_kernel[_pixel_norm_grid(x, block_p)](
+            x, grad_y, grad_s, norm, dx, c, h * w, sqrt(c), eps, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return dx
+
+
+def _elementwise_grid(n: int, block: int) -> tuple[int]:
+    return grid_1d(-(-n // block))
+
+
+def _scale_silu_forward(x: Tensor, scale: Tensor) -> Tensor:
+    k = _kernels()
+    x, scale = x.contiguous(), scale.contiguous()
+    out = new_output(x.shape, x)
+    block, warps = k.ELEMENTWISE_BLOCK
+    with _device(x):
+        k.scale_silu_fwd_kernel[_elementwise_grid(x.numel(), block)](
+            x, scale, out, x.numel(), x.shape[2] * x.shape[3], BLOCK=block, num_warps=warps)
+    return out
+
+
+def _scale_silu_backward(grad: Tensor, x: Tensor, scale: Tensor) -> Tensor:
+    k = _kernels()
+    x, scale, grad = x.contiguous(), scale.contiguous(), grad.contiguous()
+    dx = new_output(x.shape, x)
+    block, warps = k.ELEMENTWISE_BLOCK
+    with _device(x):
+        k.scale_silu_bwd_kernel[_elementwise_grid(x.numel(), block)](
+            x, scale, grad, dx, x.numel(), x.shape[2] * x.shape[3], BLOCK=block, num_warps=warps)
+    return dx
+
+
+def _mp_cat_forward(a: Tensor, b: Tensor, t: float) -> Tensor:
+    k = _kernels()
+    a, b = a.contiguous(), b.contiguous()
+    n, na, h, w = a.shape
+    nb = b.shape[1]
+    out = new_output((n, na + nb, h, w), a)
+    ca, cb = mp_cat_coefficients(na, nb, t)
+    block, warps = k.ELEMENTWISE_BLOCK
+    with _device(a):
+        k.mp_cat_fwd_kernel[_elementwise_grid(out.numel(), block)](
+            a, b, out, out.numel(), na, nb, h * w, ca, cb, BLOCK=block, num_warps=warps)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+@torch.library.custom_op(f'{NAMESPACE}::pixel_norm_silu', mutates_args=())
+def _pixel_norm_silu_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _pixel_norm_silu_forward(x, eps)
+
+
+@_pixel_norm_silu_op.register_fake
+def _(x, eps):
+    b, _, h, w = x.shape
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((b, h * w), dtype=torch.float32))
+
+
+@torch.library.custom_op(f'{NAMESPACE}::pixel_norm_silu_backward', mutates_args=())
+def _pixel_norm_silu_backward_op(grad_y: Tensor, grad_s: Tensor, x: Tensor, norm: Tensor, eps: float) -> Tensor:
+    return _pixel_norm_silu_backward(grad_y, grad_s, x, norm, eps)
+
+
+@_pixel_norm_silu_backward_op.register_fake
+def _(grad_y, grad_s, x, norm, eps):
+    return x.new_empty(x.shape)
+
+
+def _pixel_norm_silu_setup(ctx, inputs, output):
+    x, eps = inputs
+    ctx.save_for_backward(x, output[2])
+    ctx.eps = eps
+
+
+def _pixel_norm_silu_autograd(ctx, grad_y, grad_s, _grad_norm):
+    x, norm = ctx.saved_tensors
+    return _pixel_norm_silu_backward_op(grad_y, grad_s, x, norm, ctx.eps), None
+
+
+_pixel_norm_silu_op.register_autograd(_pixel_norm_silu_autograd, setup_context=_pixel_norm_silu_setup)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::scale_silu', mutates_args=())
+def _scale_silu_op(x: Tensor, scale: Tensor) -> Tensor:
+    return _scale_silu_forward(x, scale)
+
+
+@_scale_silu_op.register_fake
+def _(x, scale):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::scale_silu_backward', mutates_args=())
+def _scale_silu_backward_op(grad: Tensor, x: Tensor, scale: Tensor) -> Tensor:
+    return _scale_silu_backward(grad, x, scale)
+
+
+@_scale_silu_backward_op.register_fake
+def _(grad, x, scale):
+    return x.new_empty(x.shape)
+
+
+def _scale_silu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _scale_silu_autograd(ctx, grad):
+    x, scale = ctx.saved_tensors
+    dx = _scale_silu_backward_op(grad, x, scale) if ctx.needs_input_grad[0] else None
+    dscale = None
+    if ctx.needs_input_grad[1]:     # never inside Lumiere (frozen embedding): a PyTorch reduction is enough
+        z = x * scale[:, :, None, None]
+        sig = torch.sigmoid(z)
+        dscale = (grad * sig * (1 + z * (1 - sig)) * x).sum((2, 3))
+    return dx, dscale
+
+
+_scale_silu_op.register_autograd(_scale_silu_autograd, setup_context=_scale_silu_setup)
+
+
+@torch.library.custom_op(f'{NAMESPACE}::mp_cat', mutates_args=())
+def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
+    return _mp_cat_forward(a, b, t)
+
+
+@_mp_cat_op.register_fake
+def _(a, b, t):
+    return a.new_empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]))
+
+
+def _mp_cat_setup(ctx, inputs, output):
+    a, b, t = inputs
+    ctx.na, ctx.nb, ctx.t = a.shape[1], b.shape[1], t
+
+
+def _mp_cat_autograd(ctx, grad):
+    # each input's gradient is a scaled slice of grad: one read and one write per half, already the minimum
+    ca, cb = mp_cat_coefficients(ctx.na, ctx.nb, ctx.t)
+    return grad[:, :ctx.na] * ca, grad[:, ctx.na:] * cb, None
+
+
+_mp_cat_op.register_autograd(_mp_cat_autograd, setup_context=_mp_cat_setup)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+def _kernel_ok(*tensors: Tensor) -> bool:
+    x = tensors[0]
+    return x.numel() > 0 and x.dtype in KERNEL_DTYPES and all(t.dtype == x.dtype for t in tensors)
+
+
+def pixel_norm_silu(x: Tensor, eps: float = PIXEL_NORM_EPS) -> tuple[Tensor, Tensor]:
+    """b c h w -> (y, silu(y)): upstream's ``PixelNorm(dim=1)`` and the SiLU of block1 in one pass (the MP-SiLU
+    divisor is folded into the next conv's weight by the module)."""
+    _check_images('pixel_norm_silu', x)
+    if use_triton('pixel_norm_silu', x, supported=_kernel_ok(x)):
+        y, s, _ = _pixel_norm_silu_op(x, float(eps))
+        return y, s
+    return pixel_norm_silu_ref(x, eps)
+
+
+def scale_silu(x: Tensor, scale: Tensor) -> Tensor:
+    """b c h w, (b, c) -> b c h w: the embedding modulation ``x * scale`` and block2's SiLU in one pass."""
+    _check_images('scale_silu', x)
+    _check_scale(x, scale)
+    if use_triton('scale_silu', x, scale, supported=_kernel_ok(x, scale)):
+        return _scale_silu_op(x, scale)
+    return scale_silu_ref(x, scale)
+
+
+def mp_cat(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
+    """b ca h w, b cb h w -> b (ca + cb) h w: upstream's ``MPCat(t, dim=1)``, written once."""
+    _check_cat(a, b)
+    if use_triton('mp_cat', a, b, supported=_kernel_ok(a, b)):
+        return _mp_cat_op(a, b, float(t))
+    return mp_cat_ref(a, b, t)
