@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--image-pretrain-steps', type=int, default=200,
                    help='without --image-model: steps fitting the image model to single frames first (EDM loss)')
     g.add_argument('--image-lr', type=float, default=2e-3, help='learning rate of the image pretraining stage')
-    g.add_argument('--image-size', type=int, default=16)
-    g.add_argument('--channels', type=int, default=3)
+    g.add_argument('--image-size', type=int, default=16, help='frame height and width (KarrasUnet image_size)')
+    g.add_argument('--channels', type=int, default=3, help='image channels (1: grayscale, 3: RGB)')
     g.add_argument('--dim', type=int, default=8, help='KarrasUnet dim')
     g.add_argument('--dim-max', type=int, default=32, help='KarrasUnet dim_max')
     g.add_argument('--num-downsamples', type=int, default=2, help='KarrasUnet num_downsamples')
@@ -92,24 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('optimisation')
     g.add_argument('--steps', type=int, default=1000, help='temporal training steps (total, resume included)')
     g.add_argument('--batch-size', type=int, default=4, help='clips per process and step (global: times world size)')
-    g.add_argument('--lr', type=float, default=1e-3)
-    g.add_argument('--weight-decay', type=float, default=0.0)
-    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.99))
+    g.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate of the temporal layers')
+    g.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.99), help='AdamW betas')
     g.add_argument('--warmup-steps', type=int, default=0, help='linear learning-rate warm-up')
     g.add_argument('--grad-clip', type=float, default=0.0, help='clip the global gradient norm (0: off)')
     g.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
                    help='auto: bf16 autocast on CUDA, fp32 on CPU')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='seeds the data, the noise, the initialisation and the samples')
     g.add_argument('--deterministic', action='store_true',
                    help='torch.use_deterministic_algorithms(True), no cuDNN autotuning, seeded everything: a rerun '
                         'gives bit-identical weights (ops without a deterministic version raise)')
     g = p.add_argument_group('EDM')
-    g.add_argument('--sigma-data', type=float, default=0.5)
-    g.add_argument('--p-mean', type=float, default=-1.2)
-    g.add_argument('--p-std', type=float, default=1.2)
-    g.add_argument('--sigma-min', type=float, default=0.002)
-    g.add_argument('--sigma-max', type=float, default=80.0)
-    g.add_argument('--rho', type=float, default=7.0)
+    g.add_argument('--sigma-data', type=float, default=0.5, help='EDM sigma_data (standard deviation of the data)')
+    g.add_argument('--p-mean', type=float, default=-1.2, help='mean of log(sigma) of the training noise levels')
+    g.add_argument('--p-std', type=float, default=1.2, help='standard deviation of log(sigma) of the training noise levels')
+    g.add_argument('--sigma-min', type=float, default=0.002, help='smallest noise level of the sampler')
+    g.add_argument('--sigma-max', type=float, default=80.0, help='noise level the sampler starts from')
+    g.add_argument('--rho', type=float, default=7.0, help='spacing exponent of the sampler\'s noise levels (EDM rho)')
     g = p.add_argument_group('distributed')
     g.add_argument('--fsdp', action='store_true', help='FSDP2 fully_shard of the temporal modules instead of DDP')
     g.add_argument('--fsdp-image-model', action='store_true',
@@ -122,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--save-every', type=int, default=500, help='checkpoint every n steps (and at the end)')
     g.add_argument('--sample-every', type=int, default=0, help='write samples every n steps (0: only at the end)')
     g.add_argument('--sample-steps', type=int, default=8, help='Heun sampler steps')
-    g.add_argument('--num-samples', type=int, default=4, help='videos per sample GIF')
+    g.add_argument('--num-samples', type=int, default=4, help='videos per sample GIF (0: no samples)')
     g.add_argument('--fps', type=float, default=8.0, help='GIF frame rate')
     g.add_argument('--log-every', type=int, default=10, help='log the rank-averaged loss every n steps')
     g.add_argument('--eval-clips', type=int, default=8,
-                   help='fixed held-out batch whose EDM loss (fixed noise levels) is logged at the start and the end')
+                   help='fixed held-out batch whose EDM loss (fixed noise levels) is logged at the start and the end (0: none)')
     g.add_argument('--no-progress', action='store_true', help='no tqdm bar')
     return p
 
@@ -494,8 +494,9 @@ def build_lumiere(args, image_model: nn.Module) -> nn.Module:
     else:
         kw = dict(attn_inflation_kwargs=dict(heads=args.heads, dim_head=args.dim_head))
         klass = Lumiere
+    # no mock-video check at init: the first training step runs a real video through the same shapes
     return klass(image_model, image_size=args.image_size, channels=args.channels,
-                 checkpoint_temporal=args.checkpoint_temporal, **kw)
+                 checkpoint_temporal=args.checkpoint_temporal, check_mock_video=False, **kw)
 
 
 def mp_weight_layers(module: nn.Module) -> list[nn.Module]:
@@ -590,12 +591,15 @@ def _freeze_image_model_mode(lumiere: nn.Module):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+def _temporal_only(sd: dict) -> dict:
+    """Drop the frozen image model's ``model.*`` entries. (``StateDictOptions(ignore_frozen_params=True)`` cannot
+    see them: it looks frozen parameters up in ``named_parameters()``, which a Lumiere limits to the temporal ones.)"""
+    return {k: v for k, v in sd.items() if not k.startswith('model.')}
+
+
 def _dcp_state(model: nn.Module, optim):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
-    opts = StateDictOptions(ignore_frozen_params=True)
-    return dict(model=get_model_state_dict(model, options=opts), optim=get_optimizer_state_dict(model, optim,
-                                                                                              options=opts))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return dict(model=_temporal_only(get_model_state_dict(model)), optim=get_optimizer_state_dict(model, optim))
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optim, step: int, info: DistInfo):
@@ -618,6 +622,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optim, step: int, info: Dist
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optim) -> int:
+    """Load a :func:`save_checkpoint` folder (written by any world size) into this run's model and optimizer;
+    returns its step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
         set_optimizer_state_dict
@@ -625,9 +631,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optim) -> int:
     state['step'] = torch.tensor(0)
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(folder))
-    opts = StateDictOptions(ignore_frozen_params=True)
-    set_model_state_dict(model, state['model'], options=StateDictOptions(ignore_frozen_params=True, strict=True))
-    set_optimizer_state_dict(model, optim, state['optim'], options=opts)
+    result = set_model_state_dict(model, state['model'], options=StateDictOptions(strict=False))
+    missing = [k for k in result.missing_keys if not k.startswith('model.')]
+    if missing or result.unexpected_keys:
+        raise ValueError(f'lumiere_fast.train: checkpoint {folder}: missing {missing}, unexpected '
+                         f'{list(result.unexpected_keys)}')
+    set_optimizer_state_dict(model, optim, state['optim'])
     return int(state['step'])
 
 
@@ -643,9 +652,8 @@ def _single_process_quiet():
 def full_temporal_state_dict(model: nn.Module) -> dict:
     """``temporal_state_dict()`` as full CPU tensors (gathered from the shards under FSDP2; every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True, full_state_dict=True,
-                                                              cpu_offload=True))
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in _temporal_only(sd).items()}
 
 
 def _rmtree(path: Path):
@@ -778,6 +786,8 @@ def eval_loss(net, lumiere, ds_base, args, info: DistInfo, edm: EDM) -> float:
 def write_samples(net, lumiere, args, info: DistInfo, edm: EDM, out: Path, tag: str):
     """Heun-sample ``--num-samples`` videos (every rank runs the sampler: FSDP2 needs all of them in a forward;
     same noise everywhere), rank 0 writes ``<tag>.gif`` and ``<tag>.png``."""
+    if args.num_samples <= 0:
+        return None
     shape = (args.num_samples, args.channels, args.frames, args.image_size, args.image_size)
     cond = _cond([args.class_label] * args.num_samples, args, info.device)
     was = lumiere.training

@@ -119,7 +119,8 @@ def reference_run(workdir):
     """One process, global batch 2: 2 steps (weights kept), then resumed to 4 steps (resume == uninterrupted is
     tested bitwise in test_train.py)."""
     out = workdir / 'one'
-    args = ['--image-model', workdir / 'image.pt', '--batch-size', '2', *COMMON]
+    args = ['--image-model', workdir / 'image.pt', '--batch-size', '2', *COMMON, '--num-samples', '0',
+            '--eval-clips', '0']
     train_1(out, *args, '--steps', '2')
     w2 = torch.load(out / 'temporal.pt')
     train_1(out, *args, '--steps', '4')
@@ -214,13 +215,15 @@ def test_fsdp2_two_steps_match_one_process(reference_run, fsdp_run):
         assert got[step] == pytest.approx(ref[step], rel=1e-5)
     assert ref[1] != ref[2]
     w2 = torch.load(fsdp_run / 'temporal.pt')
+    assert not any(k.startswith('model.') for k in w2)                 # temporal weights only
     assert_state_close(w2, reference_run['w2'])
+    assert (fsdp_run / 'sample.gif').is_file()                          # the sampler ran on the sharded model
 
 
 def test_dcp_saved_on_2_ranks_resumes_on_1_and_back(workdir, reference_run, fsdp_run):
     out = workdir / 'moved'
     shutil.copytree(fsdp_run, out)
-    args = ['--image-model', workdir / 'image.pt', *COMMON]
+    args = ['--image-model', workdir / 'image.pt', *COMMON, '--num-samples', '0', '--eval-clips', '0']
     train_1(out, *args, '--batch-size', '2', '--steps', '3')              # 2 FSDP ranks -> 1 process
     fork_ranks(train_ranks, '--out', out, *args, '--batch-size', '1', '--fsdp', '--steps', '4')
     got, ref = losses(out), reference_run['losses']
