@@ -1,13 +1,8 @@
 """Each temporal conv inflation block alone (``ops/conv_block.py``), ours vs upstream eager vs
 torch.compile(upstream), same weights and input.
 
-Phases: 'forward' (eval, no_grad) and 'forward+backward' (train; backward of a scalar loss into the input and
-every parameter). CPU shapes are a 64x64 KarrasUnet's levels scaled down to CPU size, fp32; CUDA shapes are
-issue 3's shapes of a 64x64 KarrasUnet (dim 192, dim_max 768), B=2, T=16, bf16 activations under bf16
-autocast (fp32 weights): every conv level (C=192 at 64x64, 384 at 32x32, 768 at 16x16 and 8x8).
-
-Timing and peak memory: harness.run_benchmark; the case itself: harness.run_frames_module_case (bytes moved:
-forward |x| + |y|, forward+backward 3 |x| + 2 |y|; forward+backward FLOPs 3x the forward's).
+Phases, shapes (a 64x64 KarrasUnet's conv levels on CUDA, bf16 under autocast, B=2, T=16; C=32 at 32x32, fp32,
+B=2, T=8 on CPU), timing and bytes moved: harness.run_frames_module_case.
 FLOPs: the temporal GEMMs only, 2 N C (C k) for the k-tap conv1d + 2 N C C for the 1x1 projection, N = B T H W
 (the spatial 3x3 conv2d is not counted: issue 3's definition). On CUDA the blocks with C >= 256 also record
 cuBLAS's bf16 rate on the same (M, N, K) as the conv1d GEMM.

@@ -1,13 +1,8 @@
 """Each temporal down/upsample module alone (``ops/resample.py``), ours vs upstream eager vs
 torch.compile(upstream), same weights and input.
 
-Phases: 'forward' (eval, no_grad) and 'forward+backward' (train; backward of a scalar loss into the input and
-every parameter). CPU shapes are a 64x64 KarrasUnet's levels scaled down to CPU size, fp32; CUDA shapes are
-issue 3's shapes of a 64x64 KarrasUnet (dim 192, dim_max 768), B=2, T=16, bf16 activations under bf16
-autocast (fp32 weights): every conv level (C=192 at 64x64, 384 at 32x32, 768 at 16x16 and 8x8).
-
-Timing and peak memory: harness.run_benchmark; the case itself: harness.run_frames_module_case (bytes moved:
-forward |x| + |y|, forward+backward 3 |x| + 2 |y|; forward+backward FLOPs 3x the forward's).
+Phases, shapes (a 64x64 KarrasUnet's conv levels on CUDA, bf16 under autocast, B=2, T=16; C=32 at 32x32, fp32,
+B=2, T=8 on CPU), timing and bytes moved: harness.run_frames_module_case.
 FLOPs: the k=3 conv1d, 2 C C 3 B H W T_out (downsample) / T_in (upsample).
 """
 

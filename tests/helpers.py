@@ -116,3 +116,47 @@ def compile_for_sm90(calls: str, f32_buffers=(), floats=()):
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and 'compiled' in run.stdout, run.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- references vs explicit compositions
+# The references skip upstream's fold/unfold copies by working on views of the frames; each op's test file holds
+# its reference to the obvious fold -> op -> unfold composition on these shapes, chosen to break view arithmetic
+# (t=1, odd sizes, one pixel, non-contiguous inputs), forward and backward, fp32 and fp64.
+
+REF_SHAPES = [  # batch, frames, channels, h, w
+    (1, 1, 1, 1, 1), (2, 1, 3, 2, 5), (1, 7, 5, 3, 1), (3, 4, 16, 2, 2), (2, 9, 7, 5, 3), (1, 2, 33, 1, 4),
+]
+
+
+def frames_input(b, t, c, h, w, dtype, contiguous=True):
+    """A (b t) c h w leaf that requires grad: contiguous, or a channel-sliced, w-strided view."""
+    if contiguous:
+        x = torch.randn(b * t, c, h, w, dtype=dtype)
+    else:
+        x = torch.randn(b * t, c + 2, h, 2 * w, dtype=dtype)[:, 1:c + 1, :, ::2]
+    return x.requires_grad_(True)
+
+
+def fold_ct(x, b):
+    """Upstream's fold, written out: (b t) c h w -> (b h w) c t."""
+    from einops import rearrange
+    return rearrange(x, '(b t) c h w -> (b h w) c t', b=b)
+
+
+def unfold_ct(y, b, h, w):
+    from einops import rearrange
+    return rearrange(y, '(b h w) c t -> (b t) c h w', b=b, h=h, w=w)
+
+
+def assert_same_forward_backward(fn_ours, fn_ref, inputs, dtype):
+    """fn_ours(*inputs) against fn_ref(*inputs): outputs and the gradients of every input for one random
+    cotangent, within TOL[dtype]. A gradient that is zero in exact arithmetic (e.g. through a norm over a single
+    frame) is rounding noise on both sides: the absolute floor is TOL[dtype] times the case's largest gradient."""
+    out_o, out_r = fn_ours(*inputs), fn_ref(*inputs)
+    assert_close_rel(out_o, out_r, TOL[dtype], what='output')
+    cot = torch.randn_like(out_r)
+    go = torch.autograd.grad(out_o, inputs, cot, allow_unused=True)
+    gr = torch.autograd.grad(out_r, inputs, cot, allow_unused=True)
+    floor = TOL[dtype] * max(g.detach().double().norm().item() for g in gr)
+    for i, (a, b) in enumerate(zip(go, gr)):
+        assert_close_rel(a, b, TOL[dtype], floor, what=f'grad of input {i}')

@@ -1,4 +1,5 @@
-"""Triton kernels of the MP temporal attention block (ops/attention.py, kernels/attention.py) vs the reference.
+"""The temporal attention blocks (``ops/attention.py``): the references against upstream's attention written out
+with einsum, and the Triton kernels (kernels/attention.py) against the references.
 
 Without a GPU everything runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors, so shapes are tiny.
 Every case: forward and the gradients of x and every parameter, with the kernel path forced
@@ -11,21 +12,96 @@ key-block loop (online softmax) cheaply.
 
 from __future__ import annotations
 
+from math import sqrt
+
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
-from helpers import assert_close_rel, compile_for_sm90, perturb_, strided_frames
-from lumiere_fast import backend
+from helpers import (TOL, assert_close_rel, assert_same_forward_backward, compile_for_sm90, frames_input, perturb_,
+                     strided_frames)
+from lumiere_fast import backend, ops
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import attention as att
 
-# norm-wise relative error: fp32 kernel vs fp32 reference; fp16 kernel vs the fp32 reference of the same
-# (fp16-rounded) values
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# Tolerances: helpers.TOL (norm-wise); fp16 kernel vs the fp32 reference of the same (fp16-rounded) values.
+FP32 = TOL[torch.float32]
 OP = 'mp_temporal_attention_block'
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 pytestmark = pytest.mark.usefixtures('poison_and_ieee')
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _mp_attention_explicit(x, layers, proj, gain, b, heads, t_add):
+    """Upstream's MPAttention written out with einsum in (b h w) t c."""
+    H, W = x.shape[-2:]
+    s = rearrange(x, '(b t) c h w -> (b h w) t c', b=b)
+    res = s
+    for wqkv, wo, mem in layers:
+        q, k, v = (rearrange(p, 'n s (h d) -> n h s d', h=heads) for p in (s @ wqkv.T).chunk(3, dim=-1))
+        k = torch.cat((mem[0].expand(s.shape[0], -1, -1, -1), k), dim=-2)
+        v = torch.cat((mem[1].expand(s.shape[0], -1, -1, -1), v), dim=-2)
+        q, k, v = (F.normalize(z, dim=-1, eps=1e-4) * sqrt(z.shape[-1]) for z in (q, k, v))
+        attn = torch.einsum('nhid,nhjd->nhij', q * q.shape[-1] ** -0.5, k).softmax(-1)
+        o = rearrange(torch.einsum('nhij,nhjd->nhid', attn, v), 'n h s d -> n s (h d)') @ wo.T
+        s = (o * 0.7 + s * 0.3) / sqrt(0.58)
+    s = (s @ proj.T) * gain
+    s = (s * (1 - t_add) + res * t_add) / sqrt((1 - t_add) ** 2 + t_add ** 2)
+    return rearrange(s, '(b h w) t c -> (b t) c h w', b=b, h=H, w=W)
+
+
+def _attention_explicit(x, layers, proj, proj_b, b, heads):
+    H, W = x.shape[-2:]
+    s = rearrange(x, '(b t) c h w -> (b h w) t c', b=b)
+    for g, wq, wk, wv, wo in layers:
+        n = F.normalize(s, dim=-1) * sqrt(s.shape[-1]) * g
+        q, k, v = (rearrange(n @ w.T, 'n s (h d) -> n h s d', h=heads) for w in (wq, wk, wv))
+        sim = torch.einsum('nhid,nhjd->nhij', q, k) * q.shape[-1] ** -0.5
+        attn = sim.softmax(-1, dtype=torch.float32).to(sim.dtype)      # x-transformers: softmax in fp32, always
+        s = rearrange(torch.einsum('nhij,nhjd->nhid', attn, v), 'n h s d -> n s (h d)') @ wo.T + s
+    return rearrange(s @ proj.T + proj_b, '(b h w) t c -> (b t) c h w', b=b, h=H, w=W) + x
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('b,t,c,h,w,heads,d,mem,depth', [
+    (1, 1, 4, 1, 1, 1, 4, 0, 1), (2, 3, 6, 2, 3, 2, 8, 4, 2), (1, 13, 5, 1, 2, 3, 16, 1, 1),
+    (3, 4, 8, 2, 2, 4, 2, 2, 1),
+])
+def test_references(dtype, b, t, c, h, w, heads, d, mem, depth):
+    p = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
+    x = frames_input(b, t, c, h, w, dtype, contiguous=False)
+    mp_layers = [(p(3 * heads * d, c), p(c, heads * d), p(2, heads, mem, d)) for _ in range(depth)]
+    proj, gain = p(c, c), p(())
+    flat = [z for layer in mp_layers for z in layer]
+    assert_same_forward_backward(
+        lambda x, proj, gain, *f: ops.mp_temporal_attention_block(
+            x, [f[i:i + 3] for i in range(0, len(f), 3)], proj, gain, batch=b, heads=heads, mp_add_t=0.2),
+        lambda x, proj, gain, *f: _mp_attention_explicit(
+            x, [f[i:i + 3] for i in range(0, len(f), 3)], proj, gain, b, heads, 0.2),
+        (x, proj, gain, *flat), dtype)
+    layers = [(p(c), p(heads * d, c), p(heads * d, c), p(heads * d, c), p(c, heads * d)) for _ in range(depth)]
+    flat = [z for layer in layers for z in layer]
+    proj_b = p(c)
+    assert_same_forward_backward(
+        lambda x, proj, pb, *f: ops.temporal_attention_block(
+            x, [f[i:i + 5] for i in range(0, len(f), 5)], proj, pb, batch=b, heads=heads),
+        lambda x, proj, pb, *f: _attention_explicit(x, [f[i:i + 5] for i in range(0, len(f), 5)], proj, pb, b, heads),
+        (x, proj, proj_b, *flat), dtype)
+
+
+def test_errors():
+    x = torch.randn(4, 3, 1, 1)
+    with pytest.raises(ValueError, match='expected heads >= 1, got 0'):
+        ops.mp_temporal_attention_block(x, [], torch.randn(3, 3), torch.tensor(1.), batch=2, heads=0)
+    with pytest.raises(ValueError, match='expected proj_weight \\(3, 3\\)'):
+        ops.temporal_attention_block(x, [], torch.randn(3, 4), None, batch=2, heads=1)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
 
 
 @pytest.fixture(autouse=True)
@@ -68,18 +144,23 @@ def _check(b, t, c, H, W, heads=2, dim_head=16, mem=4, depth=1, dtype=torch.floa
     ref_leaves = [v.detach().float().requires_grad_(grad) for v in leaves]
     ref = att.mp_temporal_attention_block_ref(ref_leaves[0], _layers(ref_leaves[1:]), ref_leaves[1],
                                               ref_leaves[2], b, heads, mp_add_t)
+    names = ['x', 'proj_weight', 'gain'] + [f'{n}[{i}]' for i in range(depth)
+                                            for n in ('qkv_weight', 'out_weight', 'mem_kv')]
+    _compare(out, ref, leaves, ref_leaves, names, dtype, grad)
+
+
+def _compare(out, ref, leaves, ref_leaves, names, dtype, grad):
+    """Forward (and with ``grad`` the gradient of every leaf, for one random cotangent) against the reference."""
     tol = TOL[dtype]
-    assert out.dtype == dtype and out.shape == x.shape
+    assert out.dtype == dtype and out.shape == leaves[0].shape
     assert_close_rel(out.float(), ref, tol, what='forward')
     if not grad:
         return
     g = torch.randn_like(ref)
     out.backward(g.to(dtype))
     ref.backward(g)
-    names = ['x', 'proj_weight', 'gain'] + [f'{n}[{i}]' for i in range(depth)
-                                            for n in ('qkv_weight', 'out_weight', 'mem_kv')]
     for name, a, r in zip(names, leaves, ref_leaves):
-        if r.grad.numel() == 0:
+        if r is None or r.grad.numel() == 0:
             continue
         assert_close_rel(a.grad.float(), r.grad, tol, atol=1e-7, what=f'grad {name}')
 
@@ -163,14 +244,14 @@ def _module_vs_upstream(u, o, op):
     with backend.use_backend('triton'), backend.record_choices() as seen:
         out = o(xo)
     assert seen.get(op) == {'triton'}
-    assert_close_rel(out, ref, 1e-5, what='module forward')
+    assert_close_rel(out, ref, FP32, what='module forward')
     g = torch.randn_like(ref)
     ref.backward(g)
     out.backward(g)
-    assert_close_rel(xo.grad, xu.grad, 1e-5, what='module grad x')
+    assert_close_rel(xo.grad, xu.grad, FP32, what='module grad x')
     up = dict(u.named_parameters())
     for name, p in o.named_parameters():
-        assert_close_rel(p.grad, up[name].grad, 1e-5, atol=1e-7, what=f'module grad {name}')
+        assert_close_rel(p.grad, up[name].grad, FP32, atol=1e-7, what=f'module grad {name}')
 
 
 def test_module_matches_upstream():
@@ -202,26 +283,6 @@ def test_opcheck():
                  a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
     with backend.use_backend('triton'):
         torch.library.opcheck(torch.ops.lumiere_fast.mp_temporal_attention_block.default, args)
-
-
-@pytest.mark.parametrize('compile_backend', ['eager', 'aot_eager'])     # aot_eager: traces the backward op too
-def test_compile_fullgraph_no_graph_break(compile_backend, monkeypatch):
-    monkeypatch.setenv('LUMIERE_FAST_BACKEND', 'triton')
-    ps = [p.requires_grad_(True) for p in _params(8, 2, 16, 4, 2, torch.float32, 'cpu')]
-    x = torch.randn(6, 8, 2, 2, requires_grad=True)
-
-    def fn(x, *ps):
-        return att.mp_temporal_attention_block(x, _layers(ps), ps[0], ps[1], batch=2, heads=2)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
-    with backend.record_choices() as seen:
-        out = compiled(x, *ps)
-    assert seen == {OP: {'triton'}}
-    ref = att.mp_temporal_attention_block_ref(x, _layers(ps), ps[0], ps[1], 2, 2)
-    assert_close_rel(out, ref, 1e-5, what='compiled forward')
-    out.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in ps)
 
 
 # ---------------------------------------------------------------------- non-MP (x-transformers) block
@@ -256,17 +317,7 @@ def _check_nonmp(b, t, c, H, W, heads=2, dim_head=16, depth=1, prenorm=True, res
     refl = [None if v is None else v.detach().float().requires_grad_(grad) for v in leaves]
     ref = att.temporal_attention_block_ref(refl[0], _nonmp_layers(refl[1:]), refl[1], refl[2], b, heads,
                                            residual_attn=residual_attn)
-    tol = TOL[dtype]
-    assert out.dtype == dtype and out.shape == x.shape
-    assert_close_rel(out.float(), ref, tol, what='forward')
-    if not grad:
-        return
-    g = torch.randn_like(ref)
-    out.backward(g.to(dtype))
-    ref.backward(g)
-    for i, (a, r) in enumerate(zip(leaves, refl)):
-        if r is not None:
-            assert_close_rel(a.grad.float(), r.grad, tol, atol=1e-7, what=f'grad of leaf {i}')
+    _compare(out, ref, leaves, refl, [f'of leaf {i}' for i in range(len(leaves))], dtype, grad)
 
 
 @pytest.mark.parametrize('shape, heads, depth, prenorm, residual_attn', [
@@ -301,22 +352,29 @@ def test_nonmp_opcheck():
     torch.library.opcheck(torch.ops.lumiere_fast.temporal_attention_block.default, args)
 
 
-@pytest.mark.parametrize('compile_backend', ['aot_eager'])
-def test_nonmp_compile_fullgraph_no_graph_break(compile_backend, monkeypatch):
+def _compiled_block(family):
+    """(op name, fn(x, *params), reference(x, *params), x, params) of a small MP or non-MP block."""
+    if family == 'mp':
+        ps, x = _params(8, 2, 16, 4, 2, torch.float32, 'cpu'), torch.randn(6, 8, 2, 2)
+        return (OP, lambda x, *ps: att.mp_temporal_attention_block(x, _layers(ps), ps[0], ps[1], batch=2, heads=2),
+                lambda x, *ps: att.mp_temporal_attention_block_ref(x, _layers(ps), ps[0], ps[1], 2, 2), x, ps)
+    ps, x = _nonmp_params(8, 2, 16, 1, True, torch.float32, 'cpu'), torch.randn(6, 8, 1, 2)
+    return (NON_MP, lambda x, *ps: att.temporal_attention_block(x, _nonmp_layers(ps), ps[0], ps[1], batch=2, heads=2),
+            lambda x, *ps: att.temporal_attention_block_ref(x, _nonmp_layers(ps), ps[0], ps[1], 2, 2), x, ps)
+
+
+# aot_eager traces the backward op too; eager once (MP)
+@pytest.mark.parametrize('family,compile_backend', [('mp', 'eager'), ('mp', 'aot_eager'), ('nonmp', 'aot_eager')])
+def test_compile_fullgraph_no_graph_break(family, compile_backend, monkeypatch):
     monkeypatch.setenv('LUMIERE_FAST_BACKEND', 'triton')
-    ps = [p.requires_grad_(True) for p in _nonmp_params(8, 2, 16, 1, True, torch.float32, 'cpu')]
-    x = torch.randn(6, 8, 1, 2, requires_grad=True)
-
-    def fn(x, *ps):
-        return att.temporal_attention_block(x, _nonmp_layers(ps), ps[0], ps[1], batch=2, heads=2)
-
+    op, fn, ref_fn, x, ps = _compiled_block(family)
+    x, ps = x.requires_grad_(True), [p.requires_grad_(True) for p in ps]
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
     with backend.record_choices() as seen:
         out = compiled(x, *ps)
-    assert seen == {NON_MP: {'triton'}}
-    assert_close_rel(out, att.temporal_attention_block_ref(x, _nonmp_layers(ps), ps[0], ps[1], 2, 2), 1e-5,
-                     what='compiled forward')
+    assert seen == {op: {'triton'}}
+    assert_close_rel(out, ref_fn(x, *ps), FP32, what='compiled forward')
     out.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in ps)
 
@@ -388,7 +446,7 @@ def test_memory_and_input_grads_deterministic_gpu():
 @needs_cuda
 def test_tf32_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
-    monkeypatch.setitem(TOL, torch.float32, 5e-3)
+    monkeypatch.setitem(TOL, torch.float32, TOL['tf32'])
     _check(2, 8, 64, 12, 20, heads=4, dim_head=32, grad=False)
 
 

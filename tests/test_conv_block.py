@@ -1,4 +1,5 @@
-"""Triton kernels of the temporal conv block (ops/conv_block.py, kernels/conv_block.py) against the references.
+"""The temporal conv block core (``ops/conv_block.py``): the references against upstream's fold -> conv1d ->
+unfold composition, and the Triton kernels (kernels/conv_block.py) against the references.
 
 Without a GPU everything runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors, so shapes are tiny.
 Every case: forward and the gradients of h, residual and every parameter, with the kernel path forced
@@ -8,18 +9,19 @@ write poisoned with NaN first (``ops._triton.POISON``).
 
 from __future__ import annotations
 
+from math import sqrt
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import (REF_SHAPES, TOL, assert_close_rel, assert_same_forward_backward, compile_for_sm90, fold_ct,
+                     frames_input, perturb_, strided_frames, unfold_ct)
+from lumiere_fast import backend, ops
 from lumiere_fast.ops import _triton
-
-from helpers import assert_close_rel, compile_for_sm90, perturb_, strided_frames
-from lumiere_fast import backend
 from lumiere_fast.ops import conv_block as cb
 
-# norm-wise relative error, fp32 kernel vs fp32 reference; fp16 kernel vs the fp32 reference of the same
-# (fp16-rounded) values
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# Tolerances: helpers.TOL (norm-wise), fp16 kernel vs the fp32 reference of the same (fp16-rounded) values.
 # x the case's largest gradient: a gradient that is zero in exact arithmetic (through the non-MP norm over a single
 # frame) is exactly 0 from the kernels but rounding noise from torch's autograd, measured up to ~1.5e-6 of the
 # largest gradient in these cases
@@ -29,6 +31,54 @@ MP, NON_MP = 'mp_temporal_conv_block', 'temporal_conv_block'
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 pytestmark = pytest.mark.usefixtures('poison_and_ieee')
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _mp_block_upstream_style(h, x, wc, wp, gain, b, t_add):
+    H, W = h.shape[-2:]
+    y = F.conv1d(fold_ct(h, b), wc, padding=wc.shape[-1] // 2)
+    y = F.silu(y) / 0.596
+    y = F.conv1d(y, wp) * gain
+    y = unfold_ct(y, b, H, W)
+    return (y * (1 - t_add) + x * t_add) / sqrt((1 - t_add) ** 2 + t_add ** 2)
+
+
+def _block_upstream_style(h, x, wc, bc, gamma, wp, bp, b):
+    H, W = h.shape[-2:]
+    y = F.conv1d(fold_ct(h, b), wc, bc, padding=wc.shape[-1] // 2)
+    y = F.normalize(y, dim=-1) * sqrt(y.shape[1]) * gamma.view(-1, 1)
+    y = F.conv1d(F.silu(y), wp, bp)
+    return unfold_ct(y, b, H, W) + x
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', REF_SHAPES)
+@pytest.mark.parametrize('k', [1, 3, 5])
+def test_conv_block_refs(dtype, shape, k):
+    b, t, c, H, W = shape
+    h, x = frames_input(b, t, c, H, W, dtype), frames_input(b, t, c, H, W, dtype, contiguous=False)
+    p = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
+    wc, wp, gain, bc, bp, gamma = p(c, c, k), p(c, c, 1), p(()), p(c), p(c), p(c)
+    assert_same_forward_backward(
+        lambda h, x, wc, wp, g: ops.mp_temporal_conv_block(h, x, wc, wp, g, batch=b, mp_add_t=0.4),
+        lambda h, x, wc, wp, g: _mp_block_upstream_style(h, x, wc, wp, g, b, 0.4), (h, x, wc, wp, gain), dtype)
+    assert_same_forward_backward(lambda *a: ops.temporal_conv_block(*a, batch=b),
+                                 lambda *a: _block_upstream_style(*a, b), (h, x, wc, bc, gamma, wp, bp), dtype)
+
+
+def test_conv_block_dropout_is_applied_in_training_only():
+    b, t, c = 2, 3, 4
+    h, x = torch.randn(b * t, c, 2, 2), torch.randn(b * t, c, 2, 2)
+    wc, wp, gain = torch.randn(c, c, 3), torch.randn(c, c, 1), torch.tensor(1.)
+    ev = ops.mp_temporal_conv_block(h, x, wc, wp, gain, batch=b, dropout=0.5, training=False)
+    assert torch.equal(ev, ops.mp_temporal_conv_block(h, x, wc, wp, gain, batch=b))
+    tr = ops.mp_temporal_conv_block(h, x, wc, wp, gain, batch=b, dropout=0.5, training=True)
+    assert not torch.allclose(tr, ev)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
 
 
 def _frames(b, t, c, H, W, dtype, layout='contiguous', device=DEVICE):
@@ -157,7 +207,7 @@ def test_module_vs_upstream(klass, dim, t, H, W, mode, frames):
         out_o = o(xo, **kw)
     op = MP if klass.startswith('MP') else NON_MP
     assert seen[op] == {'triton'}
-    assert_close_rel(out_o, out_u, 1e-5, what=f'{klass} output')
+    assert_close_rel(out_o, out_u, TOL[torch.float32], what=f'{klass} output')
     cot = torch.randn_like(out_u)
     names = [n for n, _ in u.named_parameters()]
     po = dict(o.named_parameters())
@@ -166,9 +216,9 @@ def test_module_vs_upstream(klass, dim, t, H, W, mode, frames):
         go = torch.autograd.grad(out_o, [xo, *[po[n] for n in names]], cot)
     floor = NOISE_FLOOR * max(g.norm().item() for g in gu)
     for n, a, r in zip(['input', *names], go, gu):
-        assert_close_rel(a, r, 1e-5, floor, what=f'{klass} grad {n}')
+        assert_close_rel(a, r, TOL[torch.float32], floor, what=f'{klass} grad {n}')
     for n, p in u.named_parameters():           # train mode renormalises in place, outside the op
-        assert_close_rel(po[n], p, 1e-6, what=f'{klass} weight {n} after forward')
+        assert_close_rel(po[n], p, TOL[torch.float32], what=f'{klass} weight {n} after forward')
 
 
 # ------------------------------------------------------------------------------------- torch.library
@@ -203,10 +253,10 @@ def test_compile_fullgraph_no_graph_break(op, compile_backend, monkeypatch):
         out = compiled(*tensors)
     assert seen == {op: {'triton'}}
     ref = fn(*tensors)
-    torch.testing.assert_close(out, ref)
+    assert_close_rel(out, ref, TOL[out.dtype])
     grads = torch.autograd.grad(out.sum(), tensors)
     for g, r in zip(grads, torch.autograd.grad(ref.sum(), tensors)):
-        torch.testing.assert_close(g, r)
+        assert_close_rel(g, r, TOL[g.dtype])
 
 
 # ------------------------------------------------------------------------------------------ GPU only
@@ -234,7 +284,7 @@ def test_large_grid_gpu(op, c):
 def test_tf32_gpu(op, monkeypatch):
     """fp32 with TF32 allowed (torch's default for cuDNN convs): the kernels use TF32 tensor cores too."""
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
-    monkeypatch.setitem(TOL, torch.float32, 5e-3)
+    monkeypatch.setitem(TOL, torch.float32, TOL['tf32'])
     _check(op, 2, 5, 96, 12, 20, 3)
 
 
@@ -253,7 +303,7 @@ def test_past_int32_offsets_gpu():
     # check the last rows, beyond the 2**31-th element, against the reference on that slice of pixels
     sl = (slice(None), slice(None), slice(H - 2, H), slice(None))
     ref = _ref(MP, h[sl].float(), h[sl].float(), [p.float() for p in params], b)
-    assert_close_rel(out[sl].float(), ref, 2e-2, what='last rows')
+    assert_close_rel(out[sl].float(), ref, TOL[torch.float16], what='last rows')
 
 
 # ------------------------------------------------------------------------------ GPU compile without a GPU

@@ -1,4 +1,5 @@
-"""Triton frame fold / unfold (kernels/fold.py) vs the einops reference (ops/fold.py).
+"""Frame fold / unfold (``ops/fold.py``): the einops reference against the permutation written out, and the
+Triton kernels (kernels/fold.py) against the reference.
 
 Fold and unfold are pure copies, so every comparison is exact (rtol = atol = 0) in fp32 and fp16; bf16 runs
 only in the GPU tests (the interpreter's bf16 is wrong). Outputs are NaN-poisoned before each launch, so an
@@ -12,11 +13,11 @@ import warnings
 
 import pytest
 import torch
-
-from lumiere_fast.ops import _triton
 import torch.nn.functional as F
 
+from helpers import REF_SHAPES, TOL, assert_close_rel
 from lumiere_fast import backend, ops
+from lumiere_fast.ops import _triton
 from lumiere_fast.ops import fold as fold_ops
 
 # (b, t, c, h, w): odd everything, T=1 (with W=1), C=1, H*W=1, q and p past one 16-tile, exact tiles
@@ -38,6 +39,34 @@ def _ids(value):
     if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
         return 'btchw=' + 'x'.join(map(str, value))
     return None
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+@pytest.mark.parametrize('shape', REF_SHAPES)
+@pytest.mark.parametrize('layout', ['c t', 't c'])
+def test_fold_unfold_roundtrip(shape, layout):
+    b, t, c, h, w = shape
+    x = torch.randn(b * t, c, h, w)
+    y = ops.fold_frames(x, b, layout)
+    expect = x.view(b, t, c, h, w).permute(0, 3, 4, 2, 1).reshape(b * h * w, c, t)
+    assert torch.equal(y, expect if layout == 'c t' else expect.transpose(1, 2))
+    assert torch.equal(ops.unfold_frames(y, b, h, w, layout), x)
+
+
+def test_fold_errors():
+    with pytest.raises(ValueError, match='4-dim'):
+        ops.fold_frames(torch.randn(2, 3, 4), 1)
+    with pytest.raises(ValueError, match='batch \\(4\\) x frames'):
+        ops.fold_frames(torch.randn(6, 3, 2, 2), 4)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        ops.fold_frames(torch.randn(6, 3, 2, 2), 2, 'ct')
+    with pytest.raises(ValueError, match='batch\\*height\\*width'):
+        ops.unfold_frames(torch.randn(6, 3, 2), 2, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
 
 
 @pytest.fixture(autouse=True)
@@ -216,12 +245,12 @@ def test_matches_upstream_resample_module(block):
         ours = ops.unfold_frames(conv(ops.fold_frames(x, b), weight, bias, **extra), b, h, w)
     _triton_ran(seen, 'fold_frames')
     _triton_ran(seen, 'unfold_frames')
-    torch.testing.assert_close(ours, expect, rtol=1e-5, atol=1e-6)
+    assert_close_rel(ours, expect, TOL[torch.float32])
     cot = torch.randn_like(expect)
     g_up = torch.autograd.grad(expect, (x, up.conv.weight, up.conv.bias), cot)
     g_ours = torch.autograd.grad(ours, (x, weight, bias), cot)
     for a, e in zip(g_ours, g_up):      # fp32, same conv, fold/unfold exact: only conv summation order differs
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        assert_close_rel(a, e, TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

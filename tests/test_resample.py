@@ -1,6 +1,8 @@
-"""Triton temporal down/upsampling (``lumiere_fast::temporal_resample`` and its backward ops) against the references.
+"""Temporal down/upsampling (``ops/resample.py``): the references against upstream's fold -> conv1d -> unfold
+composition, and the Triton kernels (``lumiere_fast::temporal_resample`` and its backward op) against the
+references.
 
-Every case runs the dispatching op with the backend forced to Triton, asserts the kernel really ran
+Every Triton case runs the dispatching op with the backend forced to Triton, asserts the kernel really ran
 (``record_choices``), and compares the output and the gradients of the input, the weight and the bias with the
 ``*_ref`` functions' autograd on the same values. Launcher outputs (and the weight-gradient partials) are
 NaN-poisoned, so an element no program writes fails the comparison. Without a GPU the kernels run in the Triton
@@ -13,12 +15,13 @@ import warnings
 
 import pytest
 import torch
-
-from lumiere_fast.ops import _triton
+import torch.nn.functional as F
 
 import lumiere_fast as lf
-from helpers import PARITY_RTOL, assert_close_rel, perturb_
-from lumiere_fast import backend
+from helpers import (PARITY_RTOL, TOL, assert_close_rel, assert_same_forward_backward, fold_ct, frames_input, perturb_,
+                     unfold_ct)
+from lumiere_fast import backend, ops
+from lumiere_fast.ops import _triton
 from lumiere_fast.ops import resample as R
 
 if not backend.triton_available():
@@ -29,11 +32,9 @@ DEVICE = 'cuda' if CUDA else 'cpu'
 needs_cuda = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU (bf16 and large sizes; the interpreter is CPU-only '
                                                    'and its bf16 math is wrong)')
 
-# fp32: elementwise, fp32 accumulation over <= 3 * 19 products per output (and a few hundred per weight gradient)
-FP32_TOL = dict(atol=1e-4, rtol=1e-4)
-# fp16 (inputs rounded to fp16, fp16 GEMM operands and fp16 stores) against the fp32 reference of the same values:
-# norm-wise relative error (measured about 4e-4 on these cases)
-FP16_RTOL = 5e-3
+# Tolerances: helpers.TOL (norm-wise); fp16 (inputs rounded to fp16, fp16 GEMM operands and fp16 stores) against
+# the fp32 reference of the same values (measured about 4e-4 on these cases).
+FP32 = TOL[torch.float32]
 
 VARIANTS = {  # name -> (dispatching op, reference, has bias, halves the frames)
     'temporal_downsample': (lf.ops.temporal_downsample, R.temporal_downsample_ref, True, True),
@@ -41,6 +42,47 @@ VARIANTS = {  # name -> (dispatching op, reference, has bias, halves the frames)
     'mp_temporal_downsample': (lf.ops.mp_temporal_downsample, R.mp_temporal_downsample_ref, False, True),
     'mp_temporal_upsample': (lf.ops.mp_temporal_upsample, R.mp_temporal_upsample_ref, False, False),
 }
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('b,t,c,h,w', [(1, 2, 1, 1, 1), (2, 4, 3, 2, 5), (3, 8, 6, 1, 3), (1, 6, 17, 3, 2)])
+def test_references(dtype, b, t, c, h, w):
+    x = frames_input(b, t, c, h, w, dtype, contiguous=False)
+    wd, wu = (torch.randn(c, c, 3, dtype=dtype, requires_grad=True) for _ in range(2))
+    bd = torch.randn(c, dtype=dtype, requires_grad=True)
+
+    def interp(y, n):
+        return F.interpolate(y.unsqueeze(-1), (n, 1), mode='bilinear').squeeze(-1)
+
+    def upstream(conv, x, **kw):
+        return unfold_ct(conv(fold_ct(x, b), **kw), b, h, w)
+
+    assert_same_forward_backward(
+        lambda x, wt, bs: ops.temporal_downsample(x, wt, bs, batch=b),
+        lambda x, wt, bs: upstream(lambda y: F.conv1d(y, wt, bs, stride=2, padding=1), x), (x, wd, bd), dtype)
+    assert_same_forward_backward(
+        lambda x, wt, bs: ops.temporal_upsample(x, wt, bs, batch=b),
+        lambda x, wt, bs: upstream(lambda y: F.conv_transpose1d(y, wt, bs, stride=2, padding=1, output_padding=1), x),
+        (x, wu, bd), dtype)
+    assert_same_forward_backward(
+        lambda x, wt: ops.mp_temporal_downsample(x, wt, batch=b),
+        lambda x, wt: upstream(lambda y: F.conv1d(interp(y, t // 2), wt, padding=1), x), (x, wd), dtype)
+    assert_same_forward_backward(
+        lambda x, wt: ops.mp_temporal_upsample(x, wt, batch=b),
+        lambda x, wt: upstream(lambda y: F.conv1d(interp(y, t * 2), wt, padding=1), x), (x, wu), dtype)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match='even number of frames >= 2 to halve, got 3'):
+        ops.mp_temporal_downsample(torch.randn(6, 2, 1, 1), torch.randn(2, 2, 3), batch=2)
+    with pytest.raises(ValueError, match='expected weight \\(2, 2, k\\)'):
+        ops.temporal_upsample(torch.randn(6, 2, 1, 1), torch.randn(3, 2, 3), batch=2)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +129,7 @@ def _run(name, b, t, c, h, w, dtype=torch.float32, layout='contiguous', weight_t
     for what, a, r in zip(names, [y, *grads], [y_ref, *grads_ref]):
         assert a.dtype == dtype, f'{what}: dtype {a.dtype}'
         assert torch.isfinite(a).all(), f'{name} {what}: non-finite (unwritten) elements'
-        if dtype == torch.float32:
-            torch.testing.assert_close(a, r, **FP32_TOL, msg=lambda m: f'{name} {what}: {m}')
-        else:
-            assert_close_rel(a.float(), r, FP16_RTOL, what=f'{name} {what}')
+        assert_close_rel(a.float(), r, TOL[dtype], what=f'{name} {what}')
 
 
 # b, t, c, h, w: halving needs an even t >= 2; doubling takes any t >= 1 (T = 1 and odd T)
@@ -138,7 +177,7 @@ def test_partial_requires_grad_and_expanded_grad(name):
         pr = [p.clone().requires_grad_(not x_grad) for p in params]
         grads_ref = torch.autograd.grad(ref(xr, *pr, b).sum(), [xr] if x_grad else pr)
         for a, r in zip(grads, grads_ref):
-            torch.testing.assert_close(a, r, **FP32_TOL)
+            assert_close_rel(a, r, FP32)
 
 
 def test_poison_catches_an_unwritten_element(monkeypatch):
@@ -168,7 +207,7 @@ def test_unsupported_calls_take_the_reference():
         warnings.simplefilter('ignore', RuntimeWarning)
         y = lf.ops.mp_temporal_upsample(x, w, batch=2)
     assert seen == {'mp_temporal_upsample': {'reference'}}
-    torch.testing.assert_close(y, R.mp_temporal_upsample_ref(x, w, 2))
+    assert_close_rel(y, R.mp_temporal_upsample_ref(x, w, 2), FP32)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -238,8 +277,9 @@ def test_opcheck(mode):
     b = torch.randn(3, device=DEVICE, requires_grad=True) if has_bias else None
     torch.library.opcheck(R._temporal_resample_op, (x, w, b, 2, mode))
     g = torch.randn(2 * R._frames_out(mode, t), 3, 1, 2, device=DEVICE)
-    torch.library.opcheck(R._temporal_resample_backward_op, (g, x.detach(), w.detach(), 2, mode, t, has_bias, True, True))
-    torch.library.opcheck(R._temporal_resample_backward_op, (g, None, w.detach(), 2, mode, t, has_bias, True, False))
+    backward_op = R._temporal_resample_backward_op
+    torch.library.opcheck(backward_op, (g, x.detach(), w.detach(), 2, mode, t, has_bias, True, True))
+    torch.library.opcheck(backward_op, (g, None, w.detach(), 2, mode, t, has_bias, True, False))
 
 
 @pytest.mark.parametrize('name', ['temporal_upsample', 'mp_temporal_downsample'])
@@ -263,9 +303,9 @@ def test_compile_fullgraph(name, monkeypatch):
     grads = [a.grad.clone() for a in args]
     y_ref = ref(*args, 2)
     grads_ref = torch.autograd.grad(y_ref.square().sum(), args)
-    torch.testing.assert_close(y, y_ref, **FP32_TOL)
+    assert_close_rel(y, y_ref, FP32)
     for a, r in zip(grads, grads_ref):
-        torch.testing.assert_close(a, r, **FP32_TOL)
+        assert_close_rel(a, r, FP32)
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
@@ -288,9 +328,9 @@ def test_bf16_gpu(name):
     cot = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, leaves, cot.bfloat16())
     grads_ref = torch.autograd.grad(y_ref, ref_in, cot)
-    assert_close_rel(y.float(), y_ref, 3e-2, what='bf16 output')     # bf16: 8 mantissa bits
+    assert_close_rel(y.float(), y_ref, TOL[torch.bfloat16], what='bf16 output')
     for a, r in zip(grads, grads_ref):
-        assert_close_rel(a.float(), r, 3e-2, what='bf16 grad')
+        assert_close_rel(a.float(), r, TOL[torch.bfloat16], what='bf16 grad')
 
 
 @needs_cuda
@@ -306,12 +346,12 @@ def test_large_grid_gpu(name):
     with backend.use_backend('triton'):
         y = fn(*args, batch=b)
     y_ref = ref(*args, b)
-    torch.testing.assert_close(y, y_ref, **FP32_TOL)
+    assert_close_rel(y, y_ref, FP32)
     cot = torch.randn_like(y)
     g = torch.autograd.grad(y, args, cot)
     g_ref = torch.autograd.grad(y_ref, args, cot)
     for a, r in zip(g, g_ref):
-        assert_close_rel(a, r, 1e-5)
+        assert_close_rel(a, r, FP32)
 
 
 @needs_cuda
@@ -332,7 +372,7 @@ def test_int64_offsets_gpu():
     row = slice(h - 1, h)
     y_ref = R.temporal_upsample_ref(x[:, :, row].float(), wt.float(), bias.float(), b)
     y2_ref = R.mp_temporal_downsample_ref(x[:, :, row].float(), wt.float(), b)
-    assert_close_rel(y[:, :, row].float(), y_ref, FP16_RTOL, what='upsample, last row')
-    assert_close_rel(y2[:, :, row].float(), y2_ref, FP16_RTOL, what='mp downsample, last row')
+    assert_close_rel(y[:, :, row].float(), y_ref, TOL[torch.float16], what='upsample, last row')
+    assert_close_rel(y2[:, :, row].float(), y2_ref, TOL[torch.float16], what='mp downsample, last row')
     del y, y2
     torch.cuda.empty_cache()

@@ -1,12 +1,14 @@
-"""The native temporal conv1d (csrc/, lumiere_fast._C / _C_cuda) against its reference, F.conv1d.
+"""The temporal conv1d (``ops/temporal_conv1d.py``) against its reference, every implementation.
 
-Tolerances: fp32 atol = rtol = 1e-5 elementwise (sums of at most c_in * k products of O(1) values, summed in
-another order than mkldnn); the weight and bias gradients sum b*t*h*w products and the CPU kernel splits that
-sum across threads, so their atol is 1e-5 * max|reference| (GRAD_SUM); fp64: gradcheck; fp16/bf16 (GPU only): norm-wise relative error vs the fp32
-reference of the same rounded values, 1e-2 (fp16) / 2e-2 (bf16).
-
-Unwritten outputs: the extension allocates with at::empty, so each comparison runs ours *before* the reference
-and after freeing a NaN-filled buffer of the same size, so stale memory never holds the right answer.
+* reference: ``temporal_conv1d_ref`` against upstream's fold -> F.conv1d -> unfold (fp32, fp64, random shapes);
+* native (csrc/, lumiere_fast._C / _C_cuda): forced with ``_force_native``; the extension allocates with
+  at::empty, so each comparison runs ours *before* the reference and after freeing a NaN-filled buffer of the same
+  size, so stale memory never holds the right answer; fp64: gradcheck;
+* Triton (kernels/temporal_conv1d.py): forced with ``use_backend('triton')`` (the interpreter runs it on CPU
+  tensors); outputs start as NaN (``poison_and_ieee``), so an element no program writes fails;
+* both fast paths on the same cases (``IMPLS``), each asserted with ``record_choices``.
+Tolerances: ``helpers.TOL`` (norm-wise, per input dtype; fp16/bf16 against the fp32 reference of the same rounded
+values). bf16 and the CUDA extension: GPU only (the interpreter's bf16 math is wrong).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
-from lumiere_fast import backend
+from helpers import (REF_SHAPES, TOL, assert_close_rel, assert_same_forward_backward, compile_for_sm90, fold_ct,
+                     frames_input, strided_frames, unfold_ct)
+from lumiere_fast import backend, ops
 from lumiere_fast.ops import extension_status, temporal_conv1d, temporal_conv1d_ref
 
 # the module itself: ops/__init__ binds the name temporal_conv1d to the function
@@ -31,14 +36,7 @@ CPU_LOADED = extension_status()['cpu']['loaded']
 needs_cpu_ext = pytest.mark.skipif(not CPU_LOADED,
                                    reason=f'CPU extension not loaded: {extension_status()["cpu"]["why"]}')
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='GPU test: no CUDA device on this machine')
-
-FP32 = dict(atol=1e-5, rtol=1e-5)
-
-
-def assert_grad_close(name, ours, ref):
-    """GRAD_SUM: x grads are short sums (FP32); weight/bias grads are long reductions, atol scaled to them."""
-    tol = FP32 if name == 'x' else dict(atol=1e-5 * max(ref.abs().max().item(), 1.0), rtol=1e-5)
-    torch.testing.assert_close(ours, ref, **tol, msg=lambda m: f'grad {name}: {m}')
+FP32 = TOL[torch.float32]
 
 
 @pytest.fixture
@@ -52,20 +50,48 @@ def _poison_heap(like: torch.Tensor):
     del buf
 
 
-def _run(x, w, b, batch, grad=None):
-    """ours (native, asserted) then the reference: output and gradients of x, w, b."""
-    xs = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    xr = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in ts]
+
+
+def _ours(x, w, b, batch, grad, impl='native'):
+    """(output, [x, w, b] leaves with .grad) of ``impl``, asserted with record_choices; 'native' needs the
+    force_native fixture."""
+    xs = _leaves(x, w, b)
     _poison_heap(x)
-    with backend.record_choices() as seen:
+    with backend.use_backend('triton' if impl == 'triton' else 'auto'), backend.record_choices() as seen:
         y = temporal_conv1d(xs[0], xs[1], xs[2], batch=batch)
-    assert seen['temporal_conv1d'] == {'native'}, seen
+    assert seen['temporal_conv1d'] == {impl}, seen
+    y.backward(torch.randn_like(y) if grad is None else grad)
+    return y, xs
+
+
+def _reference(x, w, b, batch, grad):
+    """(output, leaves with .grad) of the reference in fp32 (fp64 stays fp64) on the same rounded values."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr = _leaves(*(t.to(dtype) if t is not None else None for t in (x, w, b)))
     y_ref = temporal_conv1d_ref(xr[0], xr[1], xr[2], batch)
+    y_ref.backward(grad.to(dtype))
+    return y_ref, xr
+
+
+def _run(x, w, b, batch, grad=None, impl='native'):
+    """ours (run first, see the module docstring) then the reference: outputs and gradients of x, w, b."""
     if grad is None:
-        grad = torch.randn_like(y_ref)
-    y.backward(grad)
-    y_ref.backward(grad)
+        shape = list(x.shape)
+        shape[1] = w.shape[0]
+        grad = torch.randn(shape, dtype=x.dtype, device=x.device)
+    y, xs = _ours(x, w, b, batch, grad, impl)
+    y_ref, xr = _reference(x, w, b, batch, grad)
     return y, y_ref, xs, xr
+
+
+def _assert_grads(ours, ref, dtype=torch.float32):
+    for name, a, r in zip(('x', 'weight', 'bias'), ours, ref):
+        if r is None:
+            assert a is None
+        else:
+            assert_close_rel(a.grad.float(), r.grad, TOL[dtype], what=f'grad {name}')
 
 
 # (n, c_in, c_out, t, k) for the (n, c, t) layout
@@ -87,6 +113,138 @@ def _inputs(shape, layout, dtype=torch.float32, device='cpu', bias=True):
     w = torch.randn(co, ci, k, dtype=dtype, device=device) / (ci * k) ** 0.5
     bias_t = torch.randn(co, dtype=dtype, device=device) if bias else None
     return x, w, bias_t, batch
+
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', REF_SHAPES)
+@pytest.mark.parametrize('k', [1, 3, 5])
+@pytest.mark.parametrize('contiguous', [True, False])
+def test_temporal_conv1d_frames_form(dtype, shape, k, contiguous):
+    b, t, c, h, w = shape
+    c_out = c + 2                              # channel-changing, too
+    x = frames_input(b, t, c, h, w, dtype, contiguous)
+    weight = torch.randn(c_out, c, k, dtype=dtype, requires_grad=True)
+    bias = torch.randn(c_out, dtype=dtype, requires_grad=True)
+    assert_same_forward_backward(lambda x, wt, bs: ops.temporal_conv1d(x, wt, bs, batch=b),
+           lambda x, wt, bs: unfold_ct(F.conv1d(fold_ct(x, b), wt, bs, padding=k // 2), b, h, w),
+           (x, weight, bias), dtype)
+
+
+def test_temporal_conv1d_3d_form_and_gradcheck():
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert_close_rel(ops.temporal_conv1d(x, weight), F.conv1d(x, weight, padding=1), TOL[torch.float64])
+    assert torch.autograd.gradcheck(lambda x, wt: ops.temporal_conv1d(x, wt), (x, weight))
+
+
+def test_reference_errors():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match='odd kernel size, got 2'):
+        ops.temporal_conv1d(x, torch.randn(3, 3, 2), batch=2)
+    with pytest.raises(ValueError, match='x has 3 channels, weight expects 4'):
+        ops.temporal_conv1d(x, torch.randn(3, 4, 3), batch=2)
+    with pytest.raises(ValueError, match='needs batch=b'):
+        ops.temporal_conv1d(x, torch.randn(3, 3, 3))
+    with pytest.raises(ValueError, match='bias of shape \\(3,\\)'):
+        ops.temporal_conv1d(x, torch.randn(3, 3, 3), torch.randn(4), batch=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 9), c_in=st.integers(1, 9), c_out=st.integers(1, 9),
+       h=st.integers(1, 4), w=st.integers(1, 4), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_temporal_conv1d_property(b, t, c_in, c_out, h, w, k, seed):
+    """Random shapes: the frames form equals fold -> F.conv1d -> unfold, and fold/unfold invert each other."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b * t, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, k, generator=g, dtype=torch.float64)
+    expect = unfold_ct(F.conv1d(fold_ct(x, b), weight, padding=k // 2), b, h, w)
+    assert_close_rel(ops.temporal_conv1d(x, weight, batch=b), expect, TOL[torch.float64])
+    for layout in ('c t', 't c'):
+        assert torch.equal(ops.unfold_frames(ops.fold_frames(x, b, layout), b, h, w, layout), x)
+
+# ------------------------------------------------------------------------------ native and Triton, same cases
+
+IMPLS = [pytest.param('native', marks=needs_cpu_ext), 'triton']
+# (b, t, c_in, c_out, H, W, k, bias, layout): T=1, odd T, c_in != c_out, channels not a multiple of 16, pixel
+# tails, k 1/3/5, a channel slice and a channels-last view
+CASES = [
+    (1, 1, 3, 5, 3, 3, 3, True, 'contiguous'),
+    (2, 5, 7, 4, 2, 3, 3, True, 'slice'),
+    (1, 4, 19, 19, 3, 5, 5, False, 'permuted'),
+    (3, 3, 6, 9, 1, 7, 1, True, 'contiguous'),
+    (2, 7, 5, 5, 4, 4, 5, True, 'slice'),
+]
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('b,t,ci,co,H,W,k,bias,layout', CASES,
+                         ids=[f'b{c[0]}t{c[1]}ci{c[2]}co{c[3]}-{c[4]}x{c[5]}-k{c[6]}-{c[8]}' for c in CASES])
+def test_fp32_forward_and_backward(request, poison_and_ieee, impl, b, t, ci, co, H, W, k, bias, layout):
+    if impl == 'native':
+        request.getfixturevalue('force_native')
+    x = strided_frames(b, t, ci, H, W, torch.float32, layout)
+    w, bb = torch.randn(co, ci, k), (torch.randn(co) if bias else None)
+    y, y_ref, ours, ref = _run(x, w, bb, b, grad=torch.randn(b * t, co, H, W), impl=impl)
+    assert_close_rel(y, y_ref, FP32, what='output')
+    _assert_grads(ours, ref)
+
+
+def test_triton_fp16_against_the_fp32_reference(poison_and_ieee):
+    torch.manual_seed(1)
+    b, t, ci, co, H, W, k = 2, 3, 6, 5, 3, 3, 3
+    x = torch.randn(b * t, ci, H, W).half()
+    w, bb = (torch.randn(co, ci, k) / 3).half(), torch.randn(co).half()
+    cot = torch.randn(b * t, co, H, W).half()
+    y, y_ref, ours, ref = _run(x, w, bb, b, grad=cot, impl='triton')
+    assert y.dtype == torch.float16 and all(g.grad.dtype == torch.float16 for g in ours)
+    assert_close_rel(y.float(), y_ref, TOL[torch.float16], what='output')
+    _assert_grads(ours, ref, torch.float16)
+
+
+def test_triton_opcheck_and_compile_without_graph_break(poison_and_ieee):
+    from lumiere_fast.ops.temporal_conv1d import _temporal_conv1d_op
+    torch.manual_seed(2)
+    x, w, bb = torch.randn(4, 3, 2, 3), torch.randn(5, 3, 3), torch.randn(5)
+    torch.library.opcheck(_temporal_conv1d_op, (x, w, bb, 2))
+    torch.library.opcheck(_temporal_conv1d_op, (x, w, None, 2))
+
+    def fn(x, w, bb):
+        return temporal_conv1d(x, w, bb, batch=2).square().sum()
+
+    with backend.use_backend('triton'):
+        compiled = torch.compile(fn, fullgraph=True, backend='aot_eager')
+        assert_close_rel(compiled(x, w, bb), fn(x, w, bb), FP32)
+
+
+def test_reference_backend_and_the_time_major_layout_skip_triton(recwarn):
+    x3, w = torch.randn(2, 3, 5), torch.randn(3, 3, 3)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        temporal_conv1d(x3, w)                      # (n, c, t): no Triton kernel for this layout
+    assert seen == {'temporal_conv1d': {'reference'}}
+    with backend.use_backend('reference'), backend.record_choices() as seen:
+        temporal_conv1d(torch.randn(4, 3, 2, 2), w, batch=2)
+    assert seen == {'temporal_conv1d': {'reference'}}
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_on_gpu(poison_and_ieee, dtype):
+    """Real shapes (C=384 at 32x32, B=2, T=16) against the fp32 reference of the same rounded values."""
+    torch.manual_seed(3)
+    b, t, c, H, W, k = 2, 16, 384, 32, 32, 3
+    x = torch.randn(b * t, c, H, W, device='cuda').to(dtype)
+    w, bb = (torch.randn(c, c, k, device='cuda') / (3 * c) ** 0.5).to(dtype), torch.randn(c, device='cuda').to(dtype)
+    cot = torch.randn(b * t, c, H, W, device='cuda').to(dtype)
+    y, y_ref, ours, ref = _run(x, w, bb, b, grad=cot, impl='triton')
+    assert_close_rel(y.float(), y_ref, TOL[dtype], what='output')
+    _assert_grads(ours, ref, dtype)
+
+
+# ------------------------------------------------------------------------------------- native only
 
 
 def test_cpu_extension_built():
@@ -132,10 +290,9 @@ def test_cuda_source_compiles():
 def test_cpu_nct_forward_backward(force_native, shape):
     x, w, b, batch = _inputs(shape, 'nct')
     y, y_ref, ours, ref = _run(x, w, b, batch)
-    torch.testing.assert_close(y, F.conv1d(x, w, b, padding=shape[-1] // 2), **FP32)
+    assert_close_rel(y, F.conv1d(x, w, b, padding=shape[-1] // 2), FP32)
     assert y.is_contiguous() and y.shape == y_ref.shape
-    for name, a, r in zip(('x', 'weight', 'bias'), ours, ref):
-        assert_grad_close(name, a.grad, r.grad)
+    _assert_grads(ours, ref)
 
 
 @needs_cpu_ext
@@ -144,17 +301,15 @@ def test_cpu_nct_forward_backward(force_native, shape):
 def test_cpu_frames_forward_backward(force_native, shape, bias):
     x, w, b, batch = _inputs(shape, 'frames', bias=bias)
     y, y_ref, ours, ref = _run(x, w, b, batch)
-    torch.testing.assert_close(y, y_ref, **FP32)
+    assert_close_rel(y, y_ref, FP32)
     assert y.is_contiguous() and y.shape == y_ref.shape
     # the frames form is F.conv1d on the folded (b h w) c t tensor
     bt, c, h, w_ = x.shape
     t = bt // batch
     folded = x.reshape(batch, t, c, h * w_).permute(0, 3, 2, 1).reshape(-1, c, t)
     y_fold = F.conv1d(folded, w, b, padding=w.shape[-1] // 2)
-    torch.testing.assert_close(y, y_fold.reshape(batch, h * w_, -1, t).permute(0, 3, 2, 1).reshape(y.shape), **FP32)
-    for name, a, r in zip(('x', 'weight', 'bias'), ours, ref):
-        if a is not None:
-            assert_grad_close(name, a.grad, r.grad)
+    assert_close_rel(y, y_fold.reshape(batch, h * w_, -1, t).permute(0, 3, 2, 1).reshape(y.shape), FP32)
+    _assert_grads(ours, ref)
 
 
 @needs_cpu_ext
@@ -168,14 +323,13 @@ def test_cpu_non_contiguous(force_native):
     bias = torch.randn(4)
     g = torch.randn(b * t, 4, w_, h).transpose(-1, -2)
     y, y_ref, ours, ref = _run(x, w, bias, b, grad=g)
-    torch.testing.assert_close(y, y_ref, **FP32)
-    for name, a, r in zip(('x', 'weight', 'bias'), ours, ref):
-        assert_grad_close(name, a.grad, r.grad)
+    assert_close_rel(y, y_ref, FP32)
+    _assert_grads(ours, ref)
     # (n, c, t): a time slice
     xs = torch.randn(3, 5, 20)[..., 1:18:2]
     y, y_ref, ours, ref = _run(xs, torch.randn(7, 5, 3), None, None)
-    torch.testing.assert_close(y, y_ref, **FP32)
-    torch.testing.assert_close(ours[0].grad, ref[0].grad, **FP32)
+    assert_close_rel(y, y_ref, FP32)
+    assert_close_rel(ours[0].grad, ref[0].grad, FP32)
 
 
 @needs_cpu_ext
@@ -276,13 +430,13 @@ def test_compile_no_graph_break(force_native, compile_backend):
     ref_args = [t.clone().requires_grad_() for t in (x, w, b)]
     ref = temporal_conv1d_ref(ref_args[0], ref_args[1], ref_args[2], batch).square().sum()
     ref.backward()
-    torch.testing.assert_close(loss, ref, **FP32)
+    assert_close_rel(loss, ref, FP32)
     for a, r in zip(args, ref_args):
-        torch.testing.assert_close(a.grad, r.grad, atol=1e-4, rtol=1e-5)
+        assert_close_rel(a.grad, r.grad, FP32)
 
 
 @needs_cpu_ext
-def test_opcheck():
+def test_native_opcheck():
     x = torch.randn(4, 3, 2, 3, requires_grad=True)
     w = torch.randn(5, 3, 3, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
@@ -294,40 +448,22 @@ def test_opcheck():
 
 # --------------------------------------------------------------------------------------------- GPU only
 
-CUDA_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @needs_cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('layout,shape', [('nct', (3, 5, 7, 9, 3)), ('nct', (2, 4, 4, 1, 5)),
                                           ('frames', (2, 5, 5, 7, 3, 7, 3)), ('frames', (2, 8, 19, 19, 5, 9, 5)),
                                           ('frames', (1, 1, 4, 3, 2, 2, 1)), ('frames', (2, 16, 64, 96, 16, 16, 3)),
                                           ('frames', (2, 17, 40, 24, 9, 13, 7))])
-def test_cuda_vs_reference(force_native, dtype, layout, shape):
+def test_native_cuda_vs_reference(force_native, dtype, layout, shape):
     assert extension_status()['cuda']['loaded'], extension_status()['cuda']['why']
     x, w, b, batch = _inputs(shape, layout, dtype=dtype, device='cuda')
-    y, _, ours, _ = _run(x, w, b, batch)
-    # the spec: the fp32 reference on the same (rounded) values
-    ref_in = [t.detach().float().requires_grad_() for t in (x, w, b)]
-    y_ref = temporal_conv1d_ref(ref_in[0], ref_in[1], ref_in[2], batch)
-    g = torch.randn_like(y_ref)
-    y_ref.backward(g)
-    for t in ours:
-        t.grad = None
-    y2 = temporal_conv1d(ours[0], ours[1], ours[2], batch=batch)
-    y2.backward(g.to(dtype))
-    tol = CUDA_TOL[dtype]
-    assert _rel(y, y_ref) < tol
-    for name, a, r in zip(('x', 'weight', 'bias'), ours, ref_in):
-        assert _rel(a.grad, r.grad) < tol, name
+    y, y_ref, ours, ref = _run(x, w, b, batch)       # against the fp32 reference on the same (rounded) values
+    assert_close_rel(y.float(), y_ref, TOL[dtype], what='output')
+    _assert_grads(ours, ref, dtype)
 
 
 @needs_cuda
-def test_cuda_large_bf16():
+def test_native_cuda_large_bf16():
     # 2 clips x 4 frame tiles x 9,216 pixel tiles = 73,728 blocks on grid axis x (> 65,535, the limit of axes
     # y/z); 768*768 pixels, and 8 channels: a partial 16-channel stage and a partial 64-channel tile
     b, t, c, h, w_ = 2, 16, 8, 768, 768
@@ -336,4 +472,22 @@ def test_cuda_large_bf16():
     with backend.record_choices() as seen:
         y = temporal_conv1d(x, w, None, batch=b)
     assert seen['temporal_conv1d'] == {'native'}
-    assert _rel(y, temporal_conv1d_ref(x.float(), w.float(), None, b)) < 2e-2
+    assert_close_rel(y.float(), temporal_conv1d_ref(x.float(), w.float(), None, b), TOL[torch.bfloat16])
+
+
+# ------------------------------------------------------------------------------ GPU compile without a GPU
+
+_COMPILE_CALLS = r'''
+from lumiere_fast.kernels import temporal_conv1d as K
+compile_for_h100(K._temporal_conv1d_kernel, dict(EPI=K.EPI_MP_OUT, PREC='ieee', BLOCK_C=64, BLOCK_CI=32, BLOCK_P=32),
+                 warps=8)
+compile_for_h100(K._temporal_conv1d_weight_grad_kernel,
+                 dict(HAS_BIAS=True, PREC='tf32', BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=32), dt='fp32', warps=8)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter never lowers the kernels: compile the conv (an epilogue with a residual) in bf16 and the
+    TF32 weight grad for sm_90 through ptxas, so a GPU-only lowering error fails here too."""
+    compile_for_sm90(_COMPILE_CALLS, f32_buffers={'dw_ptr', 'db_ptr'}, floats={'c_out', 'c_res', 'silu_scale'})

@@ -14,10 +14,13 @@ Every op file ``ops/<op>.py`` follows one template, in this order:
     _<op>_op.register_autograd(...)            # backward through _<op>_backward_op
     def <op>(...):                             # public dispatch, last: use_triton(...) ? _<op>_op : <op>_ref
 
-Kernels live in ``lumiere_fast.kernels.<op>`` (``kernels/<op>.py``) and every op file imports them one way, lazily,
-inside the launchers: ``def _kernels(): from ..kernels import <op> as k; return k``. Lazy because under
-``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is decorated, and because plain CPU
-users should not pay for importing Triton at all.
+A file with several ops (the MP and non-MP blocks, the four resamples over one ``temporal_resample`` op) repeats
+the launcher / custom-op names per op; fold and unfold are each other's backward, so they have no ``_backward`` op.
+
+Kernels live in ``lumiere_fast.kernels.<op>`` (``kernels/<op>.py``, named ``_<op>_..._kernel``), and every op
+file imports them one way, lazily, inside the launchers: ``def _kernels(): from ..kernels import <op> as k;
+return k``. Lazy because under ``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is
+decorated, and because plain CPU users should not pay for importing Triton at all.
 """
 
 from __future__ import annotations

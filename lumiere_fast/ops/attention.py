@@ -384,7 +384,7 @@ def _mp_temporal_attention_block_backward(grad: Tensor, x: Tensor, qkv: list[Ten
       outer:  dS = c_out * gain * P^T g (linear kernel on the transposed view), dP, dgain from G = sum g (x) s;
       layer:  do = a Wo^T dS;  dWo = a sum dS (x) o;  core backward kernel -> dqkv (+ memory-grad partials);
               dWqkv = sum dqkv (x) s;  dS_prev = Wqkv^T dqkv + b dS.
-    Weight grads are fp32 split-K reductions (weight_grad_kernel), cast to the parameter dtype at the end; the
+    Weight grads are fp32 split-K reductions (conv_weight_grad), cast to the parameter dtype at the end; the
     gain's grad (sum of P * G, c x c) and the memory keys/values' pixel-norm backward (m x d) are torch ops."""
     kern = _kernels()
     c_out, c_res = mp_add_coeffs(mp_add_t)
