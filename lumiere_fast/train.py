@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--checkpoint-temporal', action='store_true',
                    help='activation checkpointing of every temporal module (Lumiere checkpoint_temporal)')
     g.add_argument('--compile', action='store_true', help='lumiere.compile() (torch.compile, one graph for all batches)')
+    g.add_argument('--compile-backend', default='inductor',
+                   help="torch.compile backend for --compile ('aot_eager' traces without code generation)")
     g = p.add_argument_group('optimisation')
-    g.add_argument('--steps', type=int, default=1000, help='temporal training steps (total, resume included)')
+    g.add_argument('--steps', type=int, default=300, help='temporal training steps (total, resume included)')
     g.add_argument('--batch-size', type=int, default=4, help='clips per process and step (global: times world size)')
     g.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate of the temporal layers')
     g.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay')
@@ -119,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--out', default='lumiere_run', help='output folder: checkpoint/, temporal.pt, samples, log.jsonl')
     g.add_argument('--resume', default='auto',
                    help="'auto' (the out folder's checkpoint/ if there is one), 'none', or a checkpoint folder")
-    g.add_argument('--save-every', type=int, default=500, help='checkpoint every n steps (and at the end)')
-    g.add_argument('--sample-every', type=int, default=0, help='write samples every n steps (0: only at the end)')
+    g.add_argument('--save-every', type=int, default=100, help='checkpoint every n steps (and at the end)')
+    g.add_argument('--sample-every', type=int, default=100, help='write samples every n steps (0: only at the end)')
     g.add_argument('--sample-steps', type=int, default=8, help='Heun sampler steps')
     g.add_argument('--num-samples', type=int, default=4, help='videos per sample GIF (0: no samples)')
     g.add_argument('--fps', type=float, default=8.0, help='GIF frame rate')
@@ -857,7 +859,7 @@ def train(args) -> dict:
     else:
         net = lumiere
     if args.compile:
-        lumiere.compile()
+        lumiere.compile(backend=args.compile_backend)
     optim = torch.optim.AdamW(lumiere.parameters(), lr=args.lr, betas=tuple(args.betas),
                               weight_decay=args.weight_decay)
 
