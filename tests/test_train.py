@@ -206,7 +206,7 @@ def test_cpu_recipe_trains_writes_checkpoint_and_gif(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- deterministic mode
 
-def _step_grads(image_model, checkpoint_temporal: bool):
+def _step_grads(image_model, checkpoint_temporal: bool, device='cpu'):
     """One deterministic-mode EDM step of MPLumiere on fixed data: the temporal gradients and updated weights."""
     extra = ['--deterministic'] + (['--checkpoint-temporal'] if checkpoint_temporal else [])
     args = train.build_parser().parse_args(['--frames', '4', '--batch-size', '2', *extra])
@@ -214,11 +214,11 @@ def _step_grads(image_model, checkpoint_temporal: bool):
     assert torch.are_deterministic_algorithms_enabled()
     unet = train.build_image_model(args)
     unet.load_state_dict(torch.load(image_model))
-    lumiere = train.build_lumiere(args, unet)
+    lumiere = train.build_lumiere(args, unet.to(device))
     train._freeze_image_model_mode(lumiere)
     ds = train.StepDataset(train.make_dataset(args), train.EDM(), args.seed)
     items = [ds[p] for p in range(2)]
-    batch = {k: torch.stack([i[k] for i in items]) for k in ('clip', 'sigma', 'noise')}
+    batch = {k: torch.stack([i[k] for i in items]).to(device) for k in ('clip', 'sigma', 'noise')}
     opt = torch.optim.AdamW(lumiere.parameters(), lr=1e-3)
     loss = train.EDM().loss(lumiere, batch['clip'], batch['sigma'], batch['noise'])
     loss.backward()
@@ -227,9 +227,22 @@ def _step_grads(image_model, checkpoint_temporal: bool):
     return grads, {k: v.clone() for k, v in lumiere.temporal_state_dict().items()}
 
 
-def test_deterministic_mode_gives_bitwise_equal_gradients(image_model):
-    g1, w1 = _step_grads(image_model, checkpoint_temporal=False)
-    g2, w2 = _step_grads(image_model, checkpoint_temporal=False)
+_CUDA_DETERMINISM = pytest.mark.xfail(
+    raises=RuntimeError, strict=False,
+    reason="not yet run on a GPU; expected to raise until the bilinear resampling has a deterministic CUDA backward: "
+           "F.interpolate(mode='bilinear') in KarrasUnet's encoder/decoder resampling (and lumiere_fast's KarrasUnet "
+           "fast path) has none, so use_deterministic_algorithms(True) raises in backward, as PyTorch documents")
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=[_CUDA_DETERMINISM, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA GPU')])])
+def test_deterministic_mode_gives_bitwise_equal_gradients(image_model, device, monkeypatch):
+    """Deterministic mode on the default backend (the reference on CPU; the kernels on CUDA)."""
+    if device == 'cuda':
+        monkeypatch.delenv('LUMIERE_FAST_BACKEND')
+        monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    g1, w1 = _step_grads(image_model, checkpoint_temporal=False, device=device)
+    g2, w2 = _step_grads(image_model, checkpoint_temporal=False, device=device)
     assert any(g.abs().sum() > 0 for g in g1.values())
     for k in g1:
         assert torch.equal(g1[k], g2[k]), f'gradient of {k} differs between runs'
