@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dim-head', type=int, default=8, help='temporal attention head size')
     g.add_argument('--checkpoint-temporal', action='store_true',
                    help='activation checkpointing of every temporal module (Lumiere checkpoint_temporal)')
-    g.add_argument('--compile', action='store_true', help='lumiere.compile() (torch.compile, one graph for all batches)')
+    g.add_argument('--compile', action='store_true',
+                   help='lumiere.compile() (torch.compile, one graph for all batch sizes)')
     g.add_argument('--compile-backend', default='inductor',
                    help="torch.compile backend for --compile ('aot_eager' traces without code generation)")
     g = p.add_argument_group('optimisation')
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('EDM')
     g.add_argument('--sigma-data', type=float, default=0.5, help='EDM sigma_data (standard deviation of the data)')
     g.add_argument('--p-mean', type=float, default=-1.2, help='mean of log(sigma) of the training noise levels')
-    g.add_argument('--p-std', type=float, default=1.2, help='standard deviation of log(sigma) of the training noise levels')
+    g.add_argument('--p-std', type=float, default=1.2,
+                   help='standard deviation of log(sigma) of the training noise levels')
     g.add_argument('--sigma-min', type=float, default=0.002, help='smallest noise level of the sampler')
     g.add_argument('--sigma-max', type=float, default=80.0, help='noise level the sampler starts from')
     g.add_argument('--rho', type=float, default=7.0, help='spacing exponent of the sampler\'s noise levels (EDM rho)')
@@ -128,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--fps', type=float, default=8.0, help='GIF frame rate')
     g.add_argument('--log-every', type=int, default=10, help='log the rank-averaged loss every n steps')
     g.add_argument('--eval-clips', type=int, default=8,
-                   help='fixed held-out batch whose EDM loss (fixed noise levels) is logged at the start and the end (0: none)')
+                   help='a fixed held-out batch whose EDM loss (fixed noise levels) is logged at the start and at '
+                        'the end (0: none)')
     g.add_argument('--no-progress', action='store_true', help='no tqdm bar')
     return p
 
@@ -162,6 +165,7 @@ class MovingShapes(torch.utils.data.Dataset):
         return self.num_clips
 
     def clip(self, index: int, g: torch.Generator | None = None):
+        """Clip ``index``; ``g`` (the per-position generator of a folder clip's crop) is not needed here."""
         g = generator(self.seed, 1, index)
         s, t = self.size, self.frames
         n = int(torch.randint(1, 4, (), generator=g))
@@ -584,7 +588,7 @@ def average_replicated_grads(params: list[nn.Parameter], info: DistInfo):
         p.grad = g.reshape(p.shape).clone()
 
 
-def _freeze_image_model_mode(lumiere: nn.Module):
+def set_train_mode(lumiere: nn.Module):
     """Train mode for the temporal modules, eval mode for the frozen image model (no dropout, no in-place
     renormalisation of its MP weights)."""
     lumiere.train()
@@ -781,7 +785,7 @@ def eval_loss(net, lumiere, ds_base, args, info: DistInfo, edm: EDM) -> float:
             loss = edm.loss(net, clean, sigma, noise, **_cond(labels, args, info.device))
     finally:
         if was:
-            _freeze_image_model_mode(lumiere)
+            set_train_mode(lumiere)
     return float(loss)
 
 
@@ -799,7 +803,7 @@ def write_samples(net, lumiere, args, info: DistInfo, edm: EDM, out: Path, tag: 
             videos = edm.sample(net, shape, args.sample_steps, generator(args.seed, 6), info.device, **cond)
     finally:
         if was:
-            _freeze_image_model_mode(lumiere)
+            set_train_mode(lumiere)
     if info.main:
         save_videos(videos.float(), out / f'{tag}.gif', out / f'{tag}.png', args.fps)
     return videos
@@ -816,10 +820,12 @@ def train(args) -> dict:
     _barrier(info)
     log_path = out / 'log.jsonl'
 
+    began = time.perf_counter()
+
     def log(record: dict):
         if info.main:
             with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+                f.write(json.dumps(dict(record, seconds=round(time.perf_counter() - began, 3))) + '\n')
 
     if args.frames % (2 ** args.num_downsamples) and args.frames != 1:
         raise ValueError(f'lumiere_fast.train: --frames {args.frames} must divide by 2**--num-downsamples '
@@ -847,7 +853,7 @@ def train(args) -> dict:
     # -- the video model (same seed on every rank: identical temporal init, which FSDP2 relies on)
     torch.manual_seed(args.seed + 1)
     lumiere = build_lumiere(args, unet).to(info.device)
-    _freeze_image_model_mode(lumiere)
+    set_train_mode(lumiere)
     renorm, replicated = None, []
     if args.fsdp:
         replicated = apply_fsdp(lumiere, info, args.fsdp_image_model)

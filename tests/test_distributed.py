@@ -165,7 +165,7 @@ def _grads(out_image, rank, world, batch, wrap=lambda m: m) -> dict:
     unet.load_state_dict(torch.load(out_image))
     torch.manual_seed(1)
     lumiere = train.build_lumiere(args, unet)
-    train._freeze_image_model_mode(lumiere)
+    train.set_train_mode(lumiere)
     net = wrap(lumiere)
     ds = train.StepDataset(train.make_dataset(args), edm, args.seed)
     items = [ds[p] for p in range(rank * batch, (rank + 1) * batch)]

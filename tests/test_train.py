@@ -215,7 +215,7 @@ def _step_grads(image_model, checkpoint_temporal: bool, device='cpu'):
     unet = train.build_image_model(args)
     unet.load_state_dict(torch.load(image_model))
     lumiere = train.build_lumiere(args, unet.to(device))
-    train._freeze_image_model_mode(lumiere)
+    train.set_train_mode(lumiere)
     ds = train.StepDataset(train.make_dataset(args), train.EDM(), args.seed)
     items = [ds[p] for p in range(2)]
     batch = {k: torch.stack([i[k] for i in items]).to(device) for k in ('clip', 'sigma', 'noise')}
