@@ -17,7 +17,11 @@ import torch
 # modules' and the wrapper's parity with upstream (fp32 sums in another order); fp16/bf16 are their rounding of
 # the inputs and outputs (10 / 7 mantissa bits) after fp32 accumulation. 'tf32': fp32 through TF32 tensor cores
 # (10 mantissa bits), what the kernels and cuDNN do on a GPU by default (torch.backends.cudnn.allow_tf32).
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, 'tf32': 5e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# 'fp32_model': a whole wrapped U-Net in fp32 on the Triton backend against the reference backend: each kernel sums
+# tile by tile in another order than cuDNN/ATen, and some twenty layers forward and back amplify that (measured
+# 2.7e-5 on a parameter gradient of the non-MP wrapper).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, 'tf32': 5e-3, 'fp32_model': 1e-4, torch.float16: 2e-2,
+       torch.bfloat16: 3e-2}
 PARITY_RTOL = TOL      # modules and wrapper vs lumiere-pytorch: the same table (fp32)
 
 
