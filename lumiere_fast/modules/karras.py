@@ -47,16 +47,9 @@ _CACHE_ATTRS = ('_lf_cache', '_lf_renormed')
 
 
 def _upstream():
-    """denoising_diffusion_pytorch.karras_unet, if it is installed (imported only then: it is heavy)."""
-    if _UPSTREAM not in sys.modules:
-        try:
-            __import__(_UPSTREAM)
-        except ImportError:
-            return None
-    return sys.modules[_UPSTREAM]
-
-
-ku = _upstream()
+    """denoising_diffusion_pytorch.karras_unet where it is already imported (it is whenever a KarrasUnet exists;
+    importing it here would cost every other user the package's heavy imports)."""
+    return sys.modules.get(_UPSTREAM)
 
 
 def _mp_add_coeffs(t: float) -> tuple[float, float]:
@@ -151,7 +144,8 @@ def _unhooked(*modules: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------- leaf layers
 
-if ku is not None:
+def _build(ku) -> dict:
+    """The fast subclasses of upstream's classes, made on first use (see ``__getattr__``)."""
 
     class FastConv2d(_DropsCaches, ku.Conv2d):
         def forward(self, x):
@@ -244,9 +238,9 @@ if ku is not None:
             eps = self.pixel_norm.eps
             # b (3 h d) x y -> b 3 h d (x y): the pixel norm over d for q, k and v in one pass
             qkv = _conv(self.to_qkv, x).view(b, 3, heads, d, hh * ww)
-            qkv = F.normalize(qkv, dim=3, eps=eps) * sqrt(d)
+            qkv = karras_ops.pixel_norm_sumsq(qkv, 3, eps)
             q, k, v = qkv.transpose(-1, -2).unbind(1)                         # each b h (x y) d
-            mem = F.normalize(self.mem_kv, dim=-1, eps=eps) * sqrt(d)         # 2 h m d
+            mem = karras_ops.pixel_norm_sumsq(self.mem_kv, -1, eps)           # 2 h m d
             mk, mv = (t.to(q.dtype).expand(b, -1, -1, -1) for t in mem.unbind(0))
             k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
             out = F.scaled_dot_product_attention(q, k, v)                     # scale d ** -0.5, as upstream
@@ -274,13 +268,40 @@ if ku is not None:
         ku.Decoder: (FastDecoder, _block_structure_ok),
         ku.Attention: (FastAttention, _attention_ok),
     }
-    _FAST_CLASSES = {fast: check for fast, check in _FAST.values()}
-else:
-    _FAST, _FAST_CLASSES = {}, {}
+    classes = dict(FastConv2d=FastConv2d, FastLinear=FastLinear, FastMPAdd=FastMPAdd, FastMPCat=FastMPCat,
+                   FastEncoder=FastEncoder, FastDecoder=FastDecoder, FastAttention=FastAttention,
+                   _FastBlock=_FastBlock)
+    for klass in classes.values():      # pickle finds them as lumiere_fast.modules.karras.<name> (__getattr__)
+        klass.__qualname__ = klass.__name__
+    return dict(classes, _FAST=_FAST, _FAST_CLASSES={fast: check for fast, check in _FAST.values()})
+
+
+_BUILT: dict = {}
+
+
+def _fast() -> dict:
+    if not _BUILT:
+        ku = _upstream()
+        if ku is None:
+            ku = __import__(_UPSTREAM, fromlist=['KarrasUnet'])
+        _BUILT.update(_build(ku))
+    return _BUILT
+
+
+def __getattr__(name: str):
+    """``FastConv2d`` etc. are built on first access (pickle finds them here by name, too)."""
+    if name.startswith('Fast') or name == '_FastBlock':
+        classes = _fast()
+        if name in classes:
+            return classes[name]
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 
 
 def is_karras_unet(model: nn.Module) -> bool:
     """``model`` is a denoising-diffusion-pytorch ``KarrasUnet`` (the class itself, not a subclass)."""
+    ku = _upstream()
     return ku is not None and type(model) is ku.KarrasUnet
 
 
@@ -293,17 +314,19 @@ def accelerate_karras_unet(unet: nn.Module, *, checkpoint: bool = False) -> nn.M
     """
     if not is_karras_unet(unet):
         return unet
+    classes = _fast()
+    fast_of, checks, block = classes['_FAST'], classes['_FAST_CLASSES'], classes['_FastBlock']
     for m in unet.modules():
         klass = type(m)
-        if klass in _FAST:
-            fast, check = _FAST[klass]
+        if klass in fast_of:
+            fast, check = fast_of[klass]
             m.__class__ = fast
-        elif klass in _FAST_CLASSES:
-            check = _FAST_CLASSES[klass]
+        elif klass in checks:
+            check = checks[klass]
         else:
             continue
         if check is not None:
             m._lf_ok = bool(check(m))
-        if isinstance(m, _FastBlock):
+        if isinstance(m, block):
             m._lf_checkpoint = bool(checkpoint)
     return unet
