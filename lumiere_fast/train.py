@@ -936,9 +936,10 @@ def train(args) -> dict:
     summary.update(step=done, checkpoint=str(ckpt), temporal=str(out / 'temporal.pt'), gif=str(out / 'sample.gif'),
                    png=str(out / 'sample.png'), temporal_state=temporal)
     if info.main:
-        print(f"lumiere_fast.train: step {done}: eval loss {summary['eval_loss_start']:.4f} -> "
-              f"{summary['eval_loss_end']:.4f}; wrote {ckpt}, {out / 'temporal.pt'}, {out / 'sample.gif'}, "
-              f"{out / 'sample.png'}", file=sys.stderr)
+        wrote = [ckpt, out / 'temporal.pt'] + ([out / 'sample.gif', out / 'sample.png'] if args.num_samples > 0 else [])
+        held_out = (f"held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; "
+                    if args.eval_clips > 0 else '')
+        print(f"lumiere_fast.train: step {done}: {held_out}wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     return summary
 
 
