@@ -13,10 +13,19 @@ elementwise passes folded away (MP-SiLU divisor, MP-add weights, MPCat scaling):
 whose weights are comparable to its activations.
 
 ``python benchmarks/bench_karras.py`` runs the CPU side-by-side measurement (median of alternating runs in one
-process) and the split of an MPLumiere step into image model vs temporal layers; last run (2 shared CPU cores,
-loaded by other jobs, so absolute times are noisy, ratios from alternating runs):
+process) and the split of an MPLumiere step into image model vs temporal layers ("image model only": the same
+wrapper with each temporal module reduced to its frame bookkeeping). Last run, 2026-12-02, 1 torch thread on a
+2-core VM shared with other jobs (medians of 7 / 5 alternating rounds), no GPU lent:
 
-    (filled in from the run below)
+    image model forward   : upstream    147.8 ms   accelerated    103.5 ms   ratio 1.43x
+    image model train step: upstream    258.0 ms   accelerated    205.2 ms   ratio 1.26x
+    MPLumiere train step (B=1, T=8, paper points): ours with upstream's image model 383.8 ms,
+        ours + fast image model 292.9 ms (1.31x); image model share 74% -> 57% of the step
+        (image model alone 282.5 -> 165.8 ms)
+
+The convs (mkldnn) are ~85% of the accelerated forward on CPU, so the CPU ratio is capped there; GPU rows
+(karras64, bf16: step >= 1.5x eager, >= 1.2x torch.compile(upstream), peak memory <= 0.7x with checkpointing)
+are unmeasured.
 """
 
 from __future__ import annotations
