@@ -86,15 +86,18 @@ class _TemporalHook:
     through the video model). ``checkpoint``: in training, run the module under ``torch.utils.checkpoint``
     (its activations are recomputed in backward instead of held).
 
-    Two calling contracts, detected per class: ours (``module(x, batch_size=b)``, no attribute changes per call)
-    and upstream's (``module.batch_dim = b`` set before ``module(x)``), for user classes written to upstream's
-    contract and upstream's own temporal classes passed as ``conv_klass`` etc."""
+    Two calling contracts: ours (``module(x, batch_size=b)``, no attribute changes per call) for our temporal
+    modules, and upstream's (``module.batch_dim = b`` set before the call) for every other class: user classes
+    written to upstream's contract, and upstream's own temporal classes passed as ``conv_klass`` etc. (some of
+    which read ``self.batch_dim`` even when given ``batch_size``). Those also get ``batch_size=`` when their
+    forward takes it."""
 
     def __init__(self, temporal_module: nn.Module, state: _CallState, resample: bool = False):
         self.temporal_module = temporal_module
         self.state = state
         self.resample = resample
         self.checkpoint = False
+        self.sets_batch_dim = not isinstance(temporal_module, TemporalModule)
         self.takes_batch_size = _takes_batch_size(type(temporal_module))
         # the MP weight layers renormalise their stored weight in train mode; under checkpointing that happens
         # once, before the checkpointed call, so the recomputation in backward sees the very same weights
@@ -118,10 +121,10 @@ class _TemporalHook:
         return self._run(output, state.batch)
 
     def _run(self, x, batch):
-        if self.takes_batch_size:
-            return self.temporal_module(x, batch_size=batch)
-        self.temporal_module.batch_dim = batch        # upstream's contract
-        return self.temporal_module(x)
+        m = self.temporal_module
+        if self.sets_batch_dim:
+            m.batch_dim = batch                       # upstream's contract
+        return m(x, batch_size=batch) if self.takes_batch_size else m(x)
 
     def _checkpointed(self, output, batch):
         for w in self.mp_weights:
