@@ -382,6 +382,11 @@ class Lumiere(nn.Module):
     names (e.g. ``['emb']``, the embedding a ``KarrasUnet`` hands its blocks) whose per-frame floating-point values
     are averaged over the frames each temporal downsample merges, instead of upstream's first frame of each group.
 
+    ``fast_image_model`` (default on): a wrapped ``KarrasUnet``'s frozen magnitude-preserving layers run with
+    weights normalised once and cached, fused pixel-norm/SiLU/MPCat ops and SDPA attention (same state dict, names
+    and hooks; other models run unchanged); ``checkpoint_image_model``: recompute its blocks' activations in
+    backward (same gradients, less memory; needs ``fast_image_model``).
+
     A module may be named in several lists (upstream's README names ``downs.1`` as a conv and a downsample point):
     it then carries one temporal module per list, run in upstream's order conv, attn, downsample, upsample; a name
     listed twice in one list gets two temporal modules, run in turn, as upstream.
@@ -412,6 +417,8 @@ class Lumiere(nn.Module):
         check_mock_video: bool = True,
         checkpoint_temporal: bool = False,
         identity_init: bool = False,
+        fast_image_model: bool = True,
+        checkpoint_image_model: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -438,6 +445,15 @@ class Lumiere(nn.Module):
 
         model = deepcopy(model)
         model.requires_grad_(False)
+        self._fast_image_model = bool(fast_image_model)
+        if fast_image_model:        # a KarrasUnet's frozen MP layers run cached/fused; other models are left as they are
+            from .modules.karras import accelerate_karras_unet, is_karras_unet
+            if checkpoint_image_model and not is_karras_unet(model):
+                raise ValueError(f'Lumiere: checkpoint_image_model works on a KarrasUnet only, got '
+                                 f'{type(model).__name__}')
+            accelerate_karras_unet(model, checkpoint=checkpoint_image_model)
+        elif checkpoint_image_model:
+            raise ValueError('Lumiere: checkpoint_image_model needs fast_image_model=True')
         self.model = model
         self.channels = channels
         self.image_size = image_size
@@ -685,6 +701,19 @@ class Lumiere(nn.Module):
         torch >= 2.6), so batch 1 runs the same graph. That graph assumes nothing in the image model branches on
         a batch of exactly 1 (e.g. ``squeeze(0)``); the tests hold its output to the eager one for batch 1, 2, 3."""
         self._compiled_call_impl = _AnyBatchCompiledCall(torch.compile(self._call_impl, *args, **kwargs))
+
+    @property
+    def checkpoint_image_model(self) -> bool:
+        """In training, recompute the frozen image model's block activations in backward (``fast_image_model``
+        on a ``KarrasUnet`` only)."""
+        return any(getattr(m, '_lf_checkpoint', False) for m in self.model.modules())
+
+    @checkpoint_image_model.setter
+    def checkpoint_image_model(self, value: bool):
+        from .modules.karras import accelerate_karras_unet, is_karras_unet
+        if not (self._fast_image_model and is_karras_unet(self.model)):
+            raise ValueError('Lumiere: checkpoint_image_model needs fast_image_model=True and a KarrasUnet')
+        accelerate_karras_unet(self.model, checkpoint=bool(value))
 
     @property
     def checkpoint_temporal(self) -> bool:

@@ -407,3 +407,42 @@ def test_torch_save_round_trip_of_a_wrapped_karras_unet():
     attend = [m for m in clone.modules() if type(m).__name__ == 'Attend']
     assert attend, 'the small KarrasUnet should hold an Attend module'
     copy.deepcopy(lum)
+
+
+def test_fast_image_model_switch_checkpointing_and_choices():
+    """``fast_image_model`` (default on) runs the frozen KarrasUnet's MP layers through lumiere_fast (its ops show in
+    record_choices); off, upstream's modules run unchanged; both give the same numbers, and
+    ``checkpoint_image_model`` the same gradients."""
+    from lumiere_fast import backend
+    unet = small_unet()
+    fast = MPLumiere(unet, image_size=16, unet_time_kwarg='time', **SMALL_UNET_NAMES)
+    plain = MPLumiere(unet, image_size=16, unet_time_kwarg='time', fast_image_model=False, **SMALL_UNET_NAMES)
+    plain.load_state_dict(fast.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert type(plain.model.downs[0]).__module__.startswith('denoising_diffusion_pytorch')
+    assert not type(fast.model.downs[0]).__module__.startswith('denoising_diffusion_pytorch')
+    video, time = torch.randn(1, 3, 2, 16, 16), torch.rand(1)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        out = model(video, time=time)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for m in (fast, plain):
+        m.eval()
+    (a, ga), (b, gb) = step(fast), step(plain)
+    assert_close_rel(a, b, 1e-5, what='fast vs upstream image model')
+    for x, y in zip(ga, gb):
+        assert_close_rel(x, y, 1e-4, 1e-6 * max(g.norm().item() for g in gb), what='fast vs upstream grads')
+    fast.train()
+    ref = step(copy.deepcopy(fast))[1]
+    fast.checkpoint_image_model = True
+    assert fast.checkpoint_image_model
+    for x, y in zip(step(fast)[1], ref):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match='needs fast_image_model'):
+        plain.checkpoint_image_model = True
+    with backend.use_backend('triton'), backend.record_choices() as seen, torch.no_grad():
+        fast.eval()(video, time=time)
+    assert {'pixel_norm_silu', 'mp_cat'} <= set(seen), seen

@@ -14,5 +14,6 @@ from .resample import (mp_temporal_downsample, mp_temporal_downsample_ref, mp_te
                        mp_temporal_upsample_ref, temporal_downsample, temporal_downsample_ref, temporal_upsample,
                        temporal_upsample_ref)
 from .extension import extension_status
+from .karras import mp_cat, mp_cat_ref, pixel_norm_silu, pixel_norm_silu_ref, pixel_norm_sumsq, scale_silu, scale_silu_ref
 from .temporal_conv1d import temporal_conv1d, temporal_conv1d_ref
 from .weight_norm import mp_weight, mp_weight_ref, normalize_weight, renormalize_
