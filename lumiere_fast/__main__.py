@@ -1,21 +1,23 @@
-"""The main command: time the original lumiere-pytorch README model on the fast and the reference backends.
+"""The main command: the lumiere-pytorch README model, ours against upstream lumiere-pytorch on the same weights.
 
     python -m lumiere_fast                      # or: lumiere-fast
-    python -m lumiere_fast --image-size 256 --batch 2 --frames 8      # the README example as written
+    python -m lumiere_fast --image-size 256 --batch 2 --frames 8      # the README example's size
 
-The model is the README's ``KarrasUnet(image_size, dim=8, channels=3, dim_max=768, num_classes=1000)`` wrapped as
-``MPLumiere(karras_unet, image_size=...)`` (inflation points chosen automatically), called as
-``lumiere(video, time=time, class_labels=labels)`` with a video ``b c t h w``. Each backend gets its own deep copy
-of one freshly initialised model and the same inputs:
+The model is the README's ``KarrasUnet(image_size, dim=8, channels=3, dim_max=768, num_classes=1000)`` (dropout off,
+so the two implementations' numbers are comparable in train mode; its output gain and the temporal weights moved
+off their zero init, so outputs and gradients are not trivially zero), wrapped as ``MPLumiere(karras_unet,
+image_size=...)`` (the paper's inflation points) and called as ``lumiere(video, time=time, class_labels=labels)``.
+Upstream (``lumiere_pytorch.MPLumiere``) is built at the same inflation points (its init dry run is handed class
+labels, which it cannot pass itself) and loads our state dict strictly. Rows:
 
-* forward: eval mode, ``torch.no_grad()``; the outputs of the two backends are compared (max abs difference);
-* forward+backward: train mode, loss = mean square of the output, backward into the temporal parameters (the only
-  ones with ``requires_grad``); the gradients of the first step are compared too. The forward phase runs first
-  because in train mode the MP layers renormalise their weights in place.
+* ``lumiere_fast``: ours, default backend (kernels on CUDA, the reference elsewhere);
+* ``lumiere-pytorch``: upstream eager; ``lumiere-pytorch compiled``: ``torch.compile(upstream)`` (CUDA only);
+* on CUDA a second table: ours on each backend (``auto`` vs ``reference``), where they differ.
 
-Times are medians over ``--steps`` timed steps after ``--warmup`` untimed ones. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA (reset per phase); on the CPU the table says ``n/a`` and the whole
-process's peak resident set is printed once (see :class:`PeakMemory` for why).
+Per row: forward (eval, ``no_grad``) and forward+backward (train mode, loss = mean square of the output, backward
+into the temporal parameters) seconds per step (median of ``--steps`` after ``--warmup``), peak memory on CUDA
+(``torch.cuda.max_memory_allocated``, reset per phase; on the CPU the process's peak RSS is printed once, see
+:class:`PeakMemory`), and the largest difference of outputs and temporal gradients from upstream eager.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from . import backend
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 DEVICES = ('auto', 'cpu', 'cuda')
-BACKENDS = (('fast', 'auto'), ('reference', 'reference'))      # (row label, use_backend name)
+BACKENDS = (('auto', 'auto'), ('reference', 'reference'))      # (row label, use_backend name)
 # KarrasUnet's default: three spatial downsamples, and MPLumiere pairs each with a temporal one, so both the frame
 # size and the number of frames must be multiples of 2 ** 3
 NUM_DOWNSAMPLES = 3
@@ -61,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     positive = _int_at_least(1, 'a positive integer')
     parser = argparse.ArgumentParser(
         prog='lumiere-fast',
-        description='Run the lumiere-pytorch README model (KarrasUnet inflated with MPLumiere) on the fast and the '
-                    'reference backends; print seconds per step (forward, forward+backward), peak memory and the max '
-                    'abs difference between the backends.',
+        description='Run the lumiere-pytorch README model (KarrasUnet inflated with MPLumiere) with lumiere_fast and '
+                    'with upstream lumiere-pytorch on the same weights and inputs; print seconds per step (forward, '
+                    'forward+backward), peak memory and the largest difference of outputs and gradients from upstream.',
         epilog='The README example as written: --image-size 256 --batch 2 --frames 8 (slow on a CPU).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--image-size', type=positive, default=64,
@@ -149,29 +151,54 @@ def _kernel_summary(tally: dict) -> str:
     return f'{on_kernels}/{len(tally)}'
 
 
-def _resolution_note(device: torch.device) -> str:
-    if device.type != 'cuda':
-        return (f"fast = use_backend('auto'): on {device.type} it resolves to the reference path (kernels run only "
-                f"for CUDA tensors), so both rows run the same code; reference = use_backend('reference')")
-    if not backend.triton_available():
-        return ("fast = use_backend('auto'): triton is not installed, so it resolves to the reference path; "
-                "reference = use_backend('reference')")
-    return ("fast = use_backend('auto'): a Triton kernel for each op that has one, the reference otherwise; "
-            "reference = use_backend('reference')")
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 def _build(args):
-    """The README model, wrapped; built on the CPU from the seed, so the weights do not depend on the device."""
+    """The README model, wrapped by us and by upstream on the same weights; built on the CPU from the seed, so the
+    weights do not depend on the device. Returns ``(ours, upstream)``."""
     from denoising_diffusion_pytorch import KarrasUnet
 
-    from .lumiere import MPLumiere
+    from .lumiere import MPLumiere, karras_unet_inflation_points
 
     torch.manual_seed(args.seed)
     unet = KarrasUnet(image_size=args.image_size, dim=args.dim, channels=3, dim_max=768, num_classes=NUM_CLASSES,
-                      num_downsamples=NUM_DOWNSAMPLES)
-    return MPLumiere(unet, image_size=args.image_size)
+                      num_downsamples=NUM_DOWNSAMPLES, dropout=0.)
+    ours = MPLumiere(unet, image_size=args.image_size)
+    # a fresh model's output Gain and the temporal blocks' gains are zero: its output would be zero and every
+    # gradient but the gains' too, so the comparison would prove nothing. Move them off their init (seeded).
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1 * (p.std() if p.numel() > 1 and p.std() > 0 else 1.))
+        for name, p in ours.model.named_parameters():
+            if name.endswith('gain'):
+                p.fill_(0.7)
+    return ours, _upstream_twin(unet, ours, karras_unet_inflation_points(unet), args.image_size)
+
+
+def _upstream_twin(unet, ours, points, image_size):
+    """Upstream's MPLumiere at the same inflation points, with our state dict. Its init dry runs call the unet
+    without class labels, which a class-conditional KarrasUnet refuses: a pre-hook hands them in during init."""
+    import lumiere_pytorch
+
+    def add_labels(module, args, kwargs):
+        if 'class_labels' not in kwargs:
+            kwargs = dict(kwargs, class_labels=torch.zeros(args[0].shape[0], dtype=torch.long, device=args[0].device))
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(add_labels, with_kwargs=True)
+    try:
+        up = lumiere_pytorch.MPLumiere(unet, image_size=image_size, unet_time_kwarg='time',
+                                       conv_module_names=points['conv'], attn_module_names=points['attn'],
+                                       downsample_module_names=points['downsample'],
+                                       upsample_module_names=points['upsample'])
+    finally:
+        handle.remove()
+    for m in up.model.modules():                 # the deep copy took the init-only hook along
+        for key, fn in list(m._forward_pre_hooks.items()):
+            if fn is add_labels:
+                del m._forward_pre_hooks[key]
+    up.load_state_dict(ours.state_dict(), strict=True)
+    return up
 
 
 def _inputs(args, device):
@@ -183,11 +210,13 @@ def _inputs(args, device):
     return video.to(device), time_.to(device), labels.to(device)
 
 
-def _run_backend(template, name, args, device, inputs, bar):
-    """Both phases for one backend on a fresh copy of the model. Returns times, memory, output, gradients."""
+def _run(template, name, args, device, inputs, bar, compile_=False):
+    """Both phases for one model (a fresh copy of ``template``) on backend ``name``. Returns times, memory, output,
+    gradients."""
     video, time_, labels = inputs
     model = copy.deepcopy(template).to(device)
-    params = model.parameters()
+    params = list(model.parameters())
+    call = torch.compile(model) if compile_ else model
     autocast = (torch.autocast(device.type, dtype=DTYPES[args.dtype]) if args.dtype != 'float32'
                 else nullcontext())
     result = dict(fwd=[], fwdbwd=[])
@@ -198,7 +227,7 @@ def _run_backend(template, name, args, device, inputs, bar):
                 _sync(device)
                 start = time.perf_counter()
                 with autocast:
-                    out = model(video, time=time_, class_labels=labels)
+                    out = call(video, time=time_, class_labels=labels)
                 _sync(device)
                 if i >= args.warmup:
                     result['fwd'].append(time.perf_counter() - start)
@@ -217,7 +246,7 @@ def _run_backend(template, name, args, device, inputs, bar):
                 _sync(device)
                 start = time.perf_counter()
                 with autocast:
-                    out = model(video, time=time_, class_labels=labels)
+                    out = call(video, time=time_, class_labels=labels)
                 loss = out.float().pow(2).mean()
                 loss.backward()
                 _sync(device)
@@ -230,7 +259,7 @@ def _run_backend(template, name, args, device, inputs, bar):
                 bar.update(1)
         result['fwdbwd_mem'] = mem.text
     result['kernels'] = _kernel_summary(tally)
-    del model
+    del model, call
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     return result
@@ -271,7 +300,10 @@ def _main(parser: argparse.ArgumentParser, args, device: torch.device) -> int:
     from tqdm.auto import tqdm
 
     try:
-        template = _build(args)
+        ours, upstream = _build(args)
+    except ImportError as err:
+        parser.exit(2, f'{parser.prog}: error: the comparison needs lumiere-pytorch ({err}); install it with: '
+                       f'{INSTALL_HINT}\n')
     except (AssertionError, ValueError, TypeError, RuntimeError) as err:
         parser.error(f'could not build KarrasUnet(image_size={args.image_size}, dim={args.dim}) inflated with '
                      f'MPLumiere: {type(err).__name__}: {err}')
@@ -280,42 +312,61 @@ def _main(parser: argparse.ArgumentParser, args, device: torch.device) -> int:
     where = (f'{device.type} ({torch.cuda.get_device_name(device)})' if device.type == 'cuda'
              else f'cpu ({torch.get_num_threads()} threads)')
     precision = 'float32' if args.dtype == 'float32' else f'{args.dtype} (torch.autocast, float32 weights)'
-    n_temporal = sum(p.numel() for p in template.parameters())
+    n_temporal = sum(p.numel() for p in ours.parameters())
     print(f'device {where} | dtype {precision} | torch {torch.__version__} | video {tuple(inputs[0].shape)} '
           f'| time {tuple(inputs[1].shape)} | class_labels {tuple(inputs[2].shape)}')
     print(f'model: MPLumiere(KarrasUnet(image_size={args.image_size}, dim={args.dim}, channels=3, dim_max=768, '
-          f'num_classes={NUM_CLASSES})), {n_temporal:,} temporal parameters')
-    print(_resolution_note(device))
+          f'num_classes={NUM_CLASSES}, dropout=0)), {n_temporal:,} temporal parameters; lumiere_fast vs '
+          f'lumiere-pytorch on the same state dict and inputs')
     sys.stdout.flush()
 
+    cuda = device.type == 'cuda'
+    runs = [('lumiere_fast', ours, 'auto', False), ('lumiere-pytorch', upstream, 'reference', False)]
+    if cuda:
+        runs.append(('lumiere-pytorch compiled', upstream, 'reference', True))
+        runs.append(('lumiere_fast reference', ours, 'reference', False))
     results = {}
-    per_backend = 2 * (args.warmup + args.steps)
-    with tqdm(total=len(BACKENDS) * per_backend, desc='lumiere-fast', unit='step', disable=args.no_progress,
-              file=sys.stderr) as bar:
-        for label, name in BACKENDS:
+    with tqdm(total=len(runs) * 2 * (args.warmup + args.steps), desc='lumiere-fast', unit='step',
+              disable=args.no_progress, file=sys.stderr) as bar:
+        for label, template, name, compile_ in runs:
             bar.set_postfix_str(label)
-            results[label] = _run_backend(template, name, args, device, inputs, bar)
+            results[label] = _run(template, name, args, device, inputs, bar, compile_)
 
-    headers = ('backend', 'forward s/step', 'fwd+bwd s/step', 'fwd peak mem', 'fwd+bwd peak mem', 'ops on kernels')
-    rows = [(label, f'{statistics.median(r["fwd"]):.4f}', f'{statistics.median(r["fwdbwd"]):.4f}', r['fwd_mem'],
-             r['fwdbwd_mem'], r['kernels']) for label, r in results.items()]
+    ref = results['lumiere-pytorch']
+    headers = ('implementation', 'forward s/step', 'fwd+bwd s/step', 'fwd peak mem', 'fwd+bwd peak mem',
+               'max abs diff output', 'max abs diff grads', 'ops on kernels')
+
+    def row(label):
+        r = results[label]
+        kernels = r['kernels'] if label.startswith('lumiere_fast') else '-'
+        return (label, f'{statistics.median(r["fwd"]):.4f}', f'{statistics.median(r["fwdbwd"]):.4f}', r['fwd_mem'],
+                r['fwdbwd_mem'], f'{_max_abs_diff(r["output"], ref["output"]):.3e}',
+                f'{_max_abs_diff(r["grads"], ref["grads"]):.3e}', kernels)
+
     print()
-    print(_table(headers, rows))
+    print(_table(headers, [row(label) for label, *_ in runs if label != 'lumiere_fast reference']))
+    if cuda:
+        print('\nlumiere_fast on each backend (auto: a Triton kernel for each op that has one; reference: PyTorch):')
+        print(_table(headers, [row('lumiere_fast'), row('lumiere_fast reference')]))
     print()
-    fast, ref = (results[label] for label, _ in BACKENDS)
-    out_diff = _max_abs_diff(fast['output'], ref['output'])
-    grad_diff = _max_abs_diff(fast['grads'], ref['grads'])
-    print(f'max abs diff fast vs reference, forward output (eval, no_grad): {out_diff:.3e}')
-    print(f'max abs diff fast vs reference, temporal-parameter gradients (first fwd+bwd step): {grad_diff:.3e}')
-    memory_note = ('torch.cuda.max_memory_allocated, reset per phase (model and inputs included)'
-                   if device.type == 'cuda' else
-                   f'n/a on the CPU (the process keeps memory it freed, so per-backend peaks in one process are not '
+    fast = results['lumiere_fast']
+    for what, key in (('forward output (eval, no_grad)', 'output'),
+                      ('temporal-parameter gradients (first fwd+bwd step)', 'grads')):
+        print(f'max abs diff lumiere_fast vs lumiere-pytorch, {what}: {_max_abs_diff(fast[key], ref[key]):.3e}')
+    print('speed-up vs lumiere-pytorch eager: forward '
+          f'{statistics.median(ref["fwd"]) / statistics.median(fast["fwd"]):.2f}x, fwd+bwd '
+          f'{statistics.median(ref["fwdbwd"]) / statistics.median(fast["fwdbwd"]):.2f}x')
+    if not cuda:
+        print('lumiere-pytorch compiled: CUDA only (not run on the CPU)')
+    memory_note = ('torch.cuda.max_memory_allocated, reset per phase (model and inputs included)' if cuda else
+                   f'n/a on the CPU (the process keeps memory it freed, so per-row peaks in one process are not '
                    f'comparable); peak RSS of the whole run: {_process_peak_rss()} (getrusage)')
     print(f's/step: median of {args.steps} timed step(s) after {args.warmup} warm-up step(s), per phase; forward = '
           f'eval + no_grad, fwd+bwd = train mode, loss = mean(output ** 2)')
     print(f'peak mem: {memory_note}')
-    print("ops on kernels: ops that ran a Triton kernel / ops called (as decided by lumiere_fast.backend.choose)")
-    if not (math.isfinite(out_diff) and math.isfinite(grad_diff)):
+    print('ops on kernels: lumiere_fast ops that ran a Triton kernel / ops called (lumiere_fast.backend.choose)')
+    diffs = [_max_abs_diff(fast[k], ref[k]) for k in ('output', 'grads')]
+    if not all(math.isfinite(d) for d in diffs):
         print('warning: a difference is not finite (nan/inf in an output or gradient)', file=sys.stderr)
     return 0
 

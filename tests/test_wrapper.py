@@ -214,6 +214,10 @@ def _tiny_compile_lumiere():
     return MPLumiere(unet, image_size=8, **names).eval()
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) >= (major, minor)
+
+
 def test_one_compiled_graph_for_batch_sizes_one_two_three():
     """Upstream sets ``batch_dim`` on every temporal module per forward: a module attribute, which dynamo
     specialises, so a compiled model recompiles for every new batch size. ``lum.compile()`` keeps one graph for
@@ -226,13 +230,16 @@ def test_one_compiled_graph_for_batch_sizes_one_two_three():
     torch._dynamo.utils.counters.clear()         # process-wide: other tests compile too
     counter = CompileCounter()
     lum.compile(backend=counter)
+    # measured: one graph on torch 2.14; torch 2.11 specialises batch 1 despite size-oblivious tracing and keeps
+    # a second graph for it (the README says so): then batch 1 and batches 2, 3 share one graph each
+    graphs = 1 if _torch_at_least(2, 14) else 2
     try:
         with torch.no_grad():
             for b in (1, 2, 3, 1):
                 video, t = torch.randn(b, 3, 4, 8, 8), torch.rand(b)
                 torch.testing.assert_close(lum(video, time=t), eager(video, time=t))
-                assert counter.frame_count == 1, f'{counter.frame_count} graphs after batch size {b}'
-        assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+                assert counter.frame_count <= graphs, f'{counter.frame_count} graphs after batch size {b}'
+        assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= graphs
     finally:
         torch._dynamo.reset()
 
@@ -446,3 +453,34 @@ def test_fast_image_model_switch_checkpointing_and_choices():
     with backend.use_backend('triton'), backend.record_choices() as seen, torch.no_grad():
         fast.eval()(video, time=time)
     assert {'pixel_norm_silu', 'mp_cat'} <= set(seen), seen
+
+
+def test_lumiere_compile_with_inductor_eval_and_training_step():
+    """``lumiere.compile()`` with the default backend (inductor, CPU) on the tiny config of issue 17 item 5, first
+    call at batch 1 and then 2: the eager outputs, and a training step's gradients."""
+    import torch._dynamo
+    from denoising_diffusion_pytorch import KarrasUnet
+    torch.manual_seed(0)
+    unet = KarrasUnet(image_size=8, dim=4, dim_max=8, num_downsamples=1, num_blocks_per_stage=1, attn_res=(4,))
+    lum = MPLumiere(unet, image_size=8, unet_time_kwarg='time', conv_module_names=['downs.0'],
+                    attn_module_names=['mids.0'], downsample_module_names=['downs.1'], upsample_module_names=['ups.1'])
+    eager = copy.deepcopy(lum)
+    torch._dynamo.reset()
+    lum.compile()
+    try:
+        lum.eval(), eager.eval()
+        with torch.no_grad():
+            for b in (1, 2):
+                video, t = torch.randn(b, 4, 4, 8, 8), torch.rand(b)
+                torch.testing.assert_close(lum(video, time=t), eager(video, time=t), rtol=1e-4, atol=1e-5)
+        lum.train(), eager.train()
+        video, t = torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+        grads = []
+        for model in (lum, eager):
+            model.zero_grad(set_to_none=True)
+            model(video, time=t).square().mean().backward()
+            grads.append([p.grad for p in model.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
