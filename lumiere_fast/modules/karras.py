@@ -15,7 +15,7 @@ faster ``forward`` of the same signature. No module object is replaced, so the L
   behind it are scalars of a linear map, so they go into the conv's cached weight; the elementwise passes left
   are plain SiLU (fused with the pixel norm, or with the embedding modulation: ``ops.karras``) and one
   ``torch.add(res, branch, alpha=)`` for the residual.
-* **Attention**: one pixel norm over q, k and v together, memory keys concatenated, ``F.scaled_dot_product_attention``
+* **Attention**: one pixel norm over q, k and v together, memory keys concatenated, ``ops.softmax_attention`` (SDPA)
   (upstream's einsum softmax, or its own SDPA call with ``flash=True``: the same math up to rounding).
 * ``checkpoint=True``: each encoder/decoder block's body runs under ``torch.utils.checkpoint`` (non-reentrant)
   when its input requires grad: the block's activations are recomputed in backward; same outputs and gradients.
@@ -39,6 +39,7 @@ from torch.nn.modules import module as _module_hooks
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..ops import karras as karras_ops
+from ..ops.attention import softmax_attention
 from ..ops.mp_math import MP_SILU_DIVISOR
 from ..ops.weight_norm import normalize_weight, renormalize_
 
@@ -243,7 +244,7 @@ def _build(ku) -> dict:
             mem = karras_ops.pixel_norm_sumsq(self.mem_kv, -1, eps)           # 2 h m d
             mk, mv = (t.to(q.dtype).expand(b, -1, -1, -1) for t in mem.unbind(0))
             k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
-            out = F.scaled_dot_product_attention(q, k, v)                     # scale d ** -0.5, as upstream
+            out = softmax_attention(q, k, v)                                  # scale d ** -0.5, as upstream
             out = out.transpose(-1, -2).reshape(b, heads * d, hh, ww)         # b h (x y) d -> b (h d) x y
             ca, cb = _mp_add_coeffs(self.mp_add.t)
             return torch.add(_conv(self.to_out, out, ca), x, alpha=cb)

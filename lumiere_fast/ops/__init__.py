@@ -3,7 +3,7 @@
 Modules call only these functions; each decides its implementation (``backend.choose``) in one place.
 """
 
-from .attention import (attention_layer, attention_layer_ref, mp_attention_layer, mp_attention_layer_ref,
+from .attention import (attention_layer, attention_layer_ref, mp_attention_layer, mp_attention_layer_ref, softmax_attention,
                         mp_temporal_attention_block, mp_temporal_attention_block_ref, temporal_attention_block,
                         temporal_attention_block_ref)
 from .conv_block import (mp_temporal_conv_block, mp_temporal_conv_block_ref, temporal_conv_block,

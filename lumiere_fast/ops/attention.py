@@ -126,6 +126,19 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(n, s, h * d)                     # n s (h d)
 
 
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0., scale: float | None = None) -> Tensor:
+    """(..., s, d) x (..., m, d) x (..., m, d) -> (..., s, d): softmax(q k^T * scale) v (scale d ** -0.5 by default).
+
+    ``F.scaled_dot_product_attention``, except where autograd will record it on the CPU: the CPU SDPA kernel has
+    no double backward (``_scaled_dot_product_flash_attention_for_cpu_backward``), which a gradient penalty
+    (``create_graph=True``) needs and upstream's einsum attention has; there the explicit matmul-softmax runs."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        attn = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+        return F.dropout(attn, dropout) @ v if dropout else attn @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+
+
 def mp_attention_layer_ref(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, mem_kv: Tensor, heads: int,
                            dropout: float = 0., training: bool = False) -> Tensor:
     """(n, t, c) -> (n, t, c): one MPAttention layer with its inner MP residual."""
@@ -134,7 +147,7 @@ def mp_attention_layer_ref(s: Tensor, qkv_weight: Tensor, out_weight: Tensor, me
     mk, mv = (m.unsqueeze(0).expand(n, -1, -1, -1) for m in mem_kv)
     k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
     q, k, v = pixel_norm(q), pixel_norm(k), pixel_norm(v)
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0., scale=q.shape[-1] ** -0.5)
+    o = softmax_attention(q, k, v, dropout if training else 0.)
     out = F.linear(_merge_heads(o), out_weight)
     return mp_add(out, s, MP_ATTN_ADD_T)
 
