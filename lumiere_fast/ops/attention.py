@@ -126,16 +126,47 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(n, s, h * d)                     # n s (h d)
 
 
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: float = 0.) -> Tensor:
+    root = scale ** 0.5                        # both sides scaled, as SDPA's own math path does
+    attn = ((q * root) @ (k * root).transpose(-1, -2)).softmax(dim=-1)
+    return (F.dropout(attn, dropout) if dropout else attn) @ v
+
+
+class _TwiceDifferentiableSDPA(torch.autograd.Function):
+    """SDPA forward; backward through SDPA's own backward (recomputed), or, when the backward itself is being
+    recorded (``create_graph=True``), through the explicit matmul-softmax, which autograd differentiates again."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        if torch.is_grad_enabled():            # create_graph: a differentiable backward of the same function
+            return (*torch.autograd.grad(_math_attention(q, k, v, ctx.scale), (q, k, v), grad, create_graph=True),
+                    None)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, scale=ctx.scale)
+        return (*torch.autograd.grad(out, leaves, grad), None)
+
+
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0., scale: float | None = None) -> Tensor:
     """(..., s, d) x (..., m, d) x (..., m, d) -> (..., s, d): softmax(q k^T * scale) v (scale d ** -0.5 by default).
 
-    ``F.scaled_dot_product_attention``, except where autograd will record it on the CPU: the CPU SDPA kernel has
-    no double backward (``_scaled_dot_product_flash_attention_for_cpu_backward``), which a gradient penalty
-    (``create_graph=True``) needs and upstream's einsum attention has; there the explicit matmul-softmax runs."""
+    ``F.scaled_dot_product_attention``; but the CPU SDPA kernel has no double backward
+    (``_scaled_dot_product_flash_attention_for_cpu_backward``), which a gradient penalty (``create_graph=True``)
+    needs and upstream's einsum attention has: where autograd records it on the CPU it runs through
+    :class:`_TwiceDifferentiableSDPA` (the same forward and first-order backward numbers, one recomputed SDPA
+    forward in backward), or with dropout through the explicit matmul-softmax."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        attn = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
-        return F.dropout(attn, dropout) @ v if dropout else attn @ v
+        if dropout:
+            return _math_attention(q, k, v, scale, dropout)
+        return _TwiceDifferentiableSDPA.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
 
 
