@@ -1,12 +1,13 @@
 """Compatibility sweep against lumiere-pytorch 0.0.24 (issues 11 and 17): random small KarrasUnets and random
 inflation name sets — any subset of the four kinds, any order, a module in several lists or twice in one,
-per-frame conditioning, class labels, resample points whose skips cross temporal levels — on both families.
+per-frame conditioning, class labels, resample points whose skips cross temporal levels, upstream's own temporal
+classes as ``*_klass`` (its ``batch_dim`` contract) — on both families.
 
 Where upstream builds and runs, ours builds, runs and gives its numbers (float64: outputs, input and temporal
 gradients to 1e-8). Where upstream raises, ours raises ValueError/TypeError with a message, or runs where the
 README's differences table says why (``_UPSTREAM_CRASHES``).
 
-Bounded for CI (``LUMIERE_SWEEP_EXAMPLES``, default 12); hypothesis prints the failing example and a
+Bounded for CI (``LUMIERE_SWEEP_EXAMPLES``, default 40); hypothesis prints the failing example and a
 ``@reproduce_failure`` blob, and ``--hypothesis-seed=N`` replays a run.
 """
 
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # 
 
 from test_dropin import _upstream_conditional  # noqa: E402
 
-EXAMPLES = int(os.environ.get('LUMIERE_SWEEP_EXAMPLES', '12'))
+EXAMPLES = int(os.environ.get('LUMIERE_SWEEP_EXAMPLES', '40'))
 
 # Upstream failures that the README's differences table lists as fixed here: (what upstream raises, the row).
 _UPSTREAM_CRASHES = [
@@ -47,8 +48,10 @@ def configs(draw):
     per_stage = unet_kw['num_blocks_per_stage']                 # the KarrasUnet's block counts
     n_down, n_up = per_stage + num_downsamples * (1 + per_stage), per_stage + 1 + num_downsamples * (per_stage + 2)
     blocks = [f'downs.{i}' for i in range(n_down)] + ['mids.0', 'mids.1'] + [f'ups.{i}' for i in range(n_up)]
-    pick = st.lists(st.sampled_from(blocks), max_size=3)
-    resample = draw(st.integers(0, 2))
+    # mostly every kind present (upstream crashes on an empty list, so only then are there numbers to compare)
+    any_empty = draw(st.integers(0, 3)) == 0
+    pick = st.lists(st.sampled_from(blocks), min_size=0 if any_empty else 1, max_size=3)
+    resample = draw(st.integers(0 if any_empty else 1, 2))
     down = draw(st.lists(st.sampled_from(blocks), min_size=resample, max_size=resample))
     up = draw(st.lists(st.sampled_from(blocks), min_size=resample, max_size=resample))
     if draw(st.integers(0, 9)) == 0:                      # now and then unequal counts: both must refuse
@@ -57,9 +60,19 @@ def configs(draw):
                  upsample_module_names=up)
     factor = 2 ** len(down)
     frames = draw(st.sampled_from([factor, 2 * factor, 1, factor + 1 if factor > 1 else 3]))
-    return dict(family=draw(st.sampled_from(['', 'MP'])), unet_kw=unet_kw, names=names, frames=frames,
+    return dict(family=draw(st.sampled_from(['', 'MP'])), upstream_klasses=draw(st.integers(0, 3)) == 0,
+                unet_kw=unet_kw, names=names, frames=frames,
                 batch=draw(st.integers(1, 2)), per_frame_time=draw(st.booleans()),
                 per_frame_labels=draw(st.booleans()), train=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _klasses(family, use_upstream):
+    """Upstream's own temporal classes as ``*_klass`` (their contract: ``batch_dim`` set per call), or none."""
+    if not use_upstream:
+        return {}
+    return {f'{kind}_klass': getattr(upstream, f'{family}{name}') for kind, name in (
+        ('conv', 'ConvolutionInflationBlock'), ('attn', 'AttentionInflationBlock'),
+        ('downsample', 'TemporalDownsample'), ('upsample', 'TemporalUpsample'))}
 
 
 def _build_upstream(family, unet, names, conditional):
@@ -105,10 +118,11 @@ def test_compatibility_sweep(cfg):
     unet = KarrasUnet(**cfg['unet_kw'])
     conditional = cfg['unet_kw']['num_classes'] is not None
     family, names = cfg['family'], cfg['names']
+    klasses = _klasses(family, cfg['upstream_klasses'])
     video, cond = _inputs(cfg, conditional)
 
     try:
-        u = _build_upstream(family, unet, names, conditional)
+        u = _build_upstream(family, unet, dict(names, **klasses), conditional)
         with torch.no_grad():
             for p in u.parameters():                       # off the zero-init, so every temporal module counts
                 p.add_(torch.randn_like(p) * 0.3)
@@ -121,7 +135,8 @@ def test_compatibility_sweep(cfg):
 
     def build_and_run_ours():
         o = getattr(ours, f'{family}Lumiere')(unet, image_size=unet.image_size, unet_time_kwarg='time',
-                                                 attn_inflation_kwargs=dict(heads=2, dim_head=4), **names)
+                                                 attn_inflation_kwargs=dict(heads=2, dim_head=4), **names,
+                                                 **klasses)
         o = o.to(_dtype(conditional))
         if upstream_error is None:
             o.load_state_dict(u.state_dict(), strict=True)

@@ -137,6 +137,14 @@ def test_readme_config_checkpointing_identity_init_images_and_compile(readme_une
     x = torch.randn(2 * 4, block.dim, 8, 8)
     torch.testing.assert_close(block(x, batch_size=2), x, rtol=1e-6, atol=1e-6)
 
+    with torch.no_grad():            # per-frame time: upstream's first-of-group rule, or the mean when asked
+        per_frame = torch.rand(4)
+        first = lum(video, time=per_frame)
+        lum.average_conditioning = ['emb']
+        averaged = lum(video, time=per_frame)
+        lum.average_conditioning = ()
+    assert torch.isfinite(averaged).all() and (averaged - first).abs().max() > 0
+
     compiled = copy.deepcopy(lum)
     compiled.compile(backend='aot_eager')
     with torch.no_grad():
