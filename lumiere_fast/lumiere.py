@@ -226,9 +226,15 @@ _register_sdp_backend_pickling()
 
 # ---------------------------------------------------------------------------------------------- compile
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2]) >= (major, minor)
+
+
 def _size_oblivious_tracing():
-    """Tracing where a size that happens to be 1 is not specialised to the constant 1 (torch >= 2.6 has the
-    switch; on older torch batch 1 simply gets its own graph)."""
+    """Tracing where a size that happens to be 1 is not specialised to the constant 1, on torch >= 2.14. Older
+    torch has the switch (since 2.6), but measured on 2.11 inductor then fails to lower the KarrasUnet
+    (``cannot determine truth value of Relational``) and batch 1 got a second graph anyway: there batch 1 simply
+    gets its own graph."""
     try:
         import torch.fx.experimental._config as fx_config
     except ImportError:
@@ -698,9 +704,13 @@ class Lumiere(nn.Module):
         changes per forward), but dynamo specialises any size that is 1 when it traces, so batch 1 gets a graph of
         its own. Here the leading dim of the video and of each tensor argument is marked dynamic before every
         call and tracing treats sizes size-obliviously (``torch.fx.experimental._config.backed_size_oblivious``,
-        torch >= 2.6), so batch 1 runs the same graph. That graph assumes nothing in the image model branches on
+        torch >= 2.14; on older torch it is plain ``torch.compile``), so batch 1 runs the same graph. That graph assumes nothing in the image model branches on
         a batch of exactly 1 (e.g. ``squeeze(0)``); the tests hold its output to the eager one for batch 1, 2, 3."""
-        self._compiled_call_impl = _AnyBatchCompiledCall(torch.compile(self._call_impl, *args, **kwargs))
+        compiled = torch.compile(self._call_impl, *args, **kwargs)
+        # measured on torch 2.11: with the batch dims marked dynamic up front, inductor fails to lower the KarrasUnet
+        # (`cannot determine truth value of Relational`); there this is plain torch.compile (batch 1 gets its own
+        # graph, 2, 3, ... share one)
+        self._compiled_call_impl = _AnyBatchCompiledCall(compiled) if _torch_at_least(2, 14) else compiled
 
     @property
     def checkpoint_image_model(self) -> bool:
