@@ -163,7 +163,11 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0., scal
     :class:`_TwiceDifferentiableSDPA` (the same forward and first-order backward numbers, one recomputed SDPA
     forward in backward), or with dropout through the explicit matmul-softmax."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if (not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled('cpu')
+            and q.dtype == k.dtype == v.dtype):
+        # (eager, no autocast: a compiled graph cannot trace the backward's autograd.grad, and SDPA's autocast
+        # casting does not reach inside the Function)
         if dropout:
             return _math_attention(q, k, v, scale, dropout)
         return _TwiceDifferentiableSDPA.apply(q, k, v, scale)
