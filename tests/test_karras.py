@@ -409,23 +409,14 @@ def test_checkpoint_same_gradients():
 
 
 def _lumiere_pair(up_unet, family='MP'):
-    lumiere_pytorch = pytest.importorskip('lumiere_pytorch', reason='wrapper parity needs lumiere-pytorch==0.0.24')
-    import lumiere_fast
+    """Upstream's wrapper and ours (fast image model on: the default) at the paper's points, one state dict."""
+    pytest.importorskip('lumiere_pytorch', reason='wrapper parity needs lumiere-pytorch==0.0.24')
     from lumiere_fast.lumiere import karras_unet_inflation_points
+    from test_parity import _lumiere_pair as pair
     names = karras_unet_inflation_points(up_unet)
-    kw = dict(image_size=up_unet.image_size, unet_time_kwarg='time', conv_module_names=names['conv'],
-              attn_module_names=names['attn'], downsample_module_names=names['downsample'],
-              upsample_module_names=names['upsample'])
-    torch.manual_seed(1)
-    u = getattr(lumiere_pytorch, f'{family}Lumiere')(up_unet, **kw)
-    o = getattr(lumiere_fast, f'{family}Lumiere')(up_unet, **kw)
-    sd = u.state_dict()
-    with torch.no_grad():
-        for k, v in sd.items():
-            if not k.startswith('model.') and v.is_floating_point():
-                v.add_(torch.randn_like(v) * 0.3 * (v.std().item() if v.numel() > 1 and v.std() > 0 else 1.))
-    o.load_state_dict(sd, strict=True)
-    fast_unet.accelerate_karras_unet(o.model)
+    u, o = pair(family, up_unet, image_size=up_unet.image_size, unet_time_kwarg='time',
+                conv_module_names=names['conv'], attn_module_names=names['attn'],
+                downsample_module_names=names['downsample'], upsample_module_names=names['upsample'])
     return u, o
 
 
