@@ -422,3 +422,108 @@ def test_gradient_penalty_through_mp_lumiere():
     go = _penalty_grads(lambda v: o(v, time=time), x, o.parameters())
     for a, b in zip(go, gu):
         assert_close_rel(a, b, 1e-8, 1e-12 * max(g.norm().item() for g in gu), what='MPLumiere penalty grad')
+
+
+# The kernel paths: the Triton backward kernels have no derivative, so while autograd records a backward
+# (create_graph=True) every kernel op's backward goes through its reference (ops._triton.differentiable_backward).
+# Under the interpreter (fp32): every op records 'triton', and a gradient penalty's gradients equal the reference
+# backend's. (Before: "Trying to backward through ..." / wrong zeros from the non-differentiable backward ops.)
+
+def _assert_all_triton(seen, what):
+    """Every op with a kernel ran it (mp_weight, a (c, c, k) weight normalisation, has none)."""
+    assert seen and all(c == {'triton'} for op, c in seen.items() if op != 'mp_weight'), f'{what}: {seen}'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the interpreter runs only without a GPU here')
+@pytest.mark.parametrize('klass,kw', BLOCK_CASES, ids=[k for k, _ in BLOCK_CASES])
+def test_double_backward_through_the_kernels(klass, kw):
+    torch.manual_seed(0)
+    o = getattr(ours, klass)(dim=8, **kw).eval()
+    perturb_(o)
+    x = torch.randn(2, 8, 4, 3, 3)
+    params = list(o.parameters())
+    with backend.use_backend('reference'):
+        ref = _penalty_grads(o, x, params)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        got = _penalty_grads(o, x, params)
+    _assert_all_triton(seen, klass)
+    scale = max(g.norm().item() for g in ref if g is not None)
+    for n, a, b in zip(['input', *[n for n, _ in o.named_parameters()]], got, ref):
+        if b is None:
+            assert a is None or a.abs().max() <= 1e-6 * scale, n
+            continue
+        assert_close_rel(a, b, 1e-4, 1e-6 * scale, what=f'{klass} penalty grad {n}')
+
+
+def _op_cases():
+    from lumiere_fast import ops
+    from lumiere_fast.ops import karras
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    frames = r(2 * 3, 5, 3, 2)
+    return {
+        'temporal_conv1d': (lambda x, w, b: ops.temporal_conv1d(x, w, b, batch=2), (frames, r(5, 5, 3), r(5))),
+        'fold_frames': (lambda x: ops.fold_frames(x, 2).square(), (frames,)),
+        'pixel_norm_silu': (lambda x: torch.cat(karras.pixel_norm_silu(x), 1), (r(2, 5, 3, 3),)),
+        'scale_silu': (karras.scale_silu, (r(2, 5, 3, 3), r(2, 5))),
+        'mp_cat': (lambda a, b: karras.mp_cat(a, b).square(), (r(2, 3, 2, 2), r(2, 4, 2, 2))),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the interpreter runs only without a GPU here')
+@pytest.mark.parametrize('op', list(_op_cases()))
+def test_double_backward_through_each_op_kernel(op):
+    fn, args = _op_cases()[op]
+
+    def penalty(*inputs):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.sin().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), leaves)
+
+    with backend.use_backend('reference'):
+        ref = penalty(*args)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        got = penalty(*args)
+    _assert_all_triton(seen, op)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_close_rel(a, b, 1e-5, 1e-7, what=f'{op} penalty grad of input {i}')
+
+
+def test_double_backward_through_the_native_conv1d():
+    import importlib
+    from lumiere_fast.ops import extension_status
+    conv_mod = importlib.import_module('lumiere_fast.ops.temporal_conv1d')
+    if not extension_status()['cpu']['loaded']:
+        pytest.skip(f"the CPU extension is not loaded: {extension_status()['cpu']['why']}")
+    x = torch.randn(2 * 3, 4, 16, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    old, conv_mod._force_native = conv_mod._force_native, True
+    try:
+        with backend.record_choices() as seen:
+            torch.autograd.gradgradcheck(lambda *a: conv_mod.temporal_conv1d(*a, batch=2), (x, w, b))
+    finally:
+        conv_mod._force_native = old
+    assert seen.get('temporal_conv1d') == {'native'}, seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the interpreter runs only without a GPU here')
+def test_gradient_penalty_through_mp_lumiere_on_the_kernels():
+    from helpers import SMALL_UNET_NAMES
+    torch.manual_seed(0)
+    model = ours.MPLumiere(small_unet(), image_size=16, unet_time_kwarg='time', **SMALL_UNET_NAMES).eval()
+    perturb_(model, 0.1)
+    x, time = torch.randn(1, 3, 2, 16, 16), torch.rand(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with backend.use_backend('reference'):
+        ref = _penalty_grads(lambda v: model(v, time=time), x, params)
+    with backend.use_backend('triton'), backend.record_choices() as seen:
+        got = _penalty_grads(lambda v: model(v, time=time), x, params)
+    assert seen and 'triton' in set().union(*seen.values()), seen
+    scale = max(g.norm().item() for g in ref if g is not None)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_close_rel(a, b, 1e-4, 1e-6 * scale, what=f'MPLumiere penalty grad {i}')

@@ -11,7 +11,8 @@ Every op file ``ops/<op>.py`` follows one template, in this order:
     @torch.library.custom_op('lumiere_fast::<op>_backward', mutates_args=())
     def _<op>_backward_op(...)                 # calls _<op>_backward
     register_fake on both                      # shapes only, so torch.compile traces them without a graph break
-    _<op>_op.register_autograd(...)            # backward through _<op>_backward_op
+    _<op>_op.register_autograd(...)            # backward through _<op>_backward_op; when autograd records the
+                                               # backward (create_graph=True) through differentiable_backward
     def <op>(...):                             # public dispatch, last: use_triton(...) ? _<op>_op : <op>_ref
 
 A file with several ops (the MP and non-MP blocks, the four resamples over one ``temporal_resample`` op) repeats
@@ -49,6 +50,40 @@ def use_triton(op: str, *tensors: torch.Tensor, supported: bool = True) -> bool:
             os.environ.get('TRITON_INTERPRET', '0') == '1':
         ok = False      # the interpreter's bf16 arithmetic and tl.dot are wrong (~1e9 off): reference, with the warning
     return backend.choose(op, x, has_triton=ok) == 'triton'
+
+
+def differentiable_backward(ref, inputs: tuple, grad_outputs) -> tuple:
+    """A kernel op's backward while autograd records it (``create_graph=True``: double backward, a gradient
+    penalty). The Triton backward kernels have no derivative of their own, so the gradients come from autograd
+    through the reference, ``ref(*inputs)``, recomputed on the saved inputs: the same numbers as the first-order
+    path up to rounding, and differentiable again. ``inputs``: the op's arguments (tensors, lists of tensors,
+    anything else passed through); a tensor the op did not save and whose gradient does not depend on its value
+    (a residual, the input of a linear op) may be a zeros stand-in that requires grad. ``grad_outputs``: one
+    gradient per output (None for an output without one). Returns one gradient per argument in its structure
+    (lists for lists, None for non-tensors and tensors that do not require grad); a tensor passed twice gets its
+    gradient once, as autograd sums the gradients of repeated arguments."""
+    flat, seen = [], set()
+    for arg in inputs:
+        for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
+            if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                flat.append(t)
+    with torch.enable_grad():
+        outs = ref(*inputs)
+    outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    grad_outputs = grad_outputs if isinstance(grad_outputs, (list, tuple)) else (grad_outputs,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    grads = torch.autograd.grad([o for o, _ in pairs], flat, [g for _, g in pairs], create_graph=True,
+                                allow_unused=True) if pairs and flat else [None] * len(flat)
+    by_id = dict(zip(map(id, flat), grads))
+
+    def take(t):
+        return by_id.pop(id(t), None) if isinstance(t, torch.Tensor) else None
+
+    def take_all(ts):           # a list argument's gradient is a list of tensors: zeros where there is none
+        return [g if g is not None else torch.zeros_like(t) for t, g in zip(ts, map(take, ts))]
+
+    return tuple(take_all(arg) if isinstance(arg, (list, tuple)) else take(arg) for arg in inputs)
 
 
 def grid_1d(n_programs: int) -> tuple[int]:

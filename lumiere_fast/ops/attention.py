@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, pow2,
-                      target_programs, use_triton)
+from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
+                      new_output, pow2, target_programs, use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .mp_math import mp_add, mp_add_coeffs, pixel_norm
 from .temporal_conv1d import conv_weight_grad
@@ -157,20 +157,26 @@ class _TwiceDifferentiableSDPA(torch.autograd.Function):
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0., scale: float | None = None) -> Tensor:
     """(..., s, d) x (..., m, d) x (..., m, d) -> (..., s, d): softmax(q k^T * scale) v (scale d ** -0.5 by default).
 
-    ``F.scaled_dot_product_attention``; but the CPU SDPA kernel has no double backward
-    (``_scaled_dot_product_flash_attention_for_cpu_backward``), which a gradient penalty (``create_graph=True``)
-    needs and upstream's einsum attention has: where autograd records it on the CPU it runs through
+    ``F.scaled_dot_product_attention``; but SDPA's fused kernels have no double backward
+    (``_scaled_dot_product_flash_attention_for_cpu_backward``, the CUDA flash / efficient backward), which a
+    gradient penalty (``create_graph=True``) needs and upstream's einsum attention has: where autograd records it
+    (eager, any device, autocast's casts applied here) it runs through
     :class:`_TwiceDifferentiableSDPA` (the same forward and first-order backward numbers, one recomputed SDPA
     forward in backward), or with dropout through the explicit matmul-softmax."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if (not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled('cpu')
-            and q.dtype == k.dtype == v.dtype):
-        # (eager, no autocast: a compiled graph cannot trace the backward's autograd.grad, and SDPA's autocast
-        # casting does not reach inside the Function)
-        if dropout:
-            return _math_attention(q, k, v, scale, dropout)
-        return _TwiceDifferentiableSDPA.apply(q, k, v, scale)
+    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and not torch.compiler.is_compiling()):
+        # (eager only: a compiled graph cannot trace the backward's autograd.grad)
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast's SDPA casting (fp32 -> the autocast dtype) does not reach inside the Function: done here
+            low = torch.get_autocast_dtype(device)
+            q, k, v = (t.to(low) if t.dtype == torch.float32 else t for t in (q, k, v))
+        if q.dtype == k.dtype == v.dtype:
+            with torch.autocast(device, enabled=False):
+                if dropout:
+                    return _math_attention(q, k, v, scale, dropout)
+                return _TwiceDifferentiableSDPA.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
 
 
@@ -568,10 +574,17 @@ def _mp_setup_context(ctx, inputs, output):
     ctx.depth, ctx.batch, ctx.heads, ctx.mp_add_t = len(qkv), batch, heads, mp_add_t
 
 
+def _mp_block_ref_from_lists(x, qkv, outw, mem, proj_weight, gain, batch, heads, mp_add_t):
+    return mp_temporal_attention_block_ref(x, list(zip(qkv, outw, mem)), proj_weight, gain, batch, heads, mp_add_t)
+
+
 def _mp_autograd_backward(ctx, grad):
     saved, depth = ctx.saved_tensors, ctx.depth
     x, proj_weight, gain = saved[:3]
     qkv, outw, mem = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(3))
+    if torch.is_grad_enabled():     # create_graph: through the reference
+        return differentiable_backward(_mp_block_ref_from_lists, (x, qkv, outw, mem, proj_weight, gain, ctx.batch,
+                                                                  ctx.heads, ctx.mp_add_t), grad)
     g = _mp_temporal_attention_block_backward_op(grad, x, qkv, outw, mem, proj_weight, gain, ctx.batch, ctx.heads,
                                                  ctx.mp_add_t)
     return (g[0], list(g[3:3 + depth]), list(g[3 + depth:3 + 2 * depth]), list(g[3 + 2 * depth:]), g[1], g[2],
@@ -614,10 +627,18 @@ def _block_setup_context(ctx, inputs, output):
     ctx.depth, ctx.batch, ctx.heads, ctx.prenorm, ctx.residual_attn = len(wqs), batch, heads, prenorm, residual_attn
 
 
+def _block_ref_from_lists(x, gs, wqs, wks, wvs, wos, proj_weight, proj_bias, batch, heads, prenorm, residual_attn):
+    layers = [(g if prenorm else None, *ws) for g, *ws in zip(gs, wqs, wks, wvs, wos)]
+    return temporal_attention_block_ref(x, layers, proj_weight, proj_bias, batch, heads, residual_attn=residual_attn)
+
+
 def _block_autograd_backward(ctx, grad):
     saved, depth = ctx.saved_tensors, ctx.depth
     x, pw, pb = saved[:3]
     gs, wqs, wks, wvs, wos = (list(saved[3 + i * depth:3 + (i + 1) * depth]) for i in range(5))
+    if torch.is_grad_enabled():     # create_graph: through the reference
+        return differentiable_backward(_block_ref_from_lists, (x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads,
+                                                               ctx.prenorm, ctx.residual_attn), grad)
     g = _temporal_attention_block_backward_op(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads,
                                               ctx.prenorm, ctx.residual_attn)
     lists = [list(g[3 + i * depth:3 + (i + 1) * depth]) for i in range(5)]

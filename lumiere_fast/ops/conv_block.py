@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, use_triton,
-                      zeros32)
+from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
+                      new_output, use_triton, zeros32)
 from .layout import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
 from .mp_math import MP_SILU_DIVISOR, mp_add, mp_add_coeffs, mp_silu
 from .temporal_conv1d import conv_frames, conv_weight_grad, flipped_weight
@@ -243,6 +243,10 @@ def _mp_setup_context(ctx, inputs, output):
 
 def _mp_autograd_backward(ctx, grad):
     h, conv_weight, proj_weight, gain = ctx.saved_tensors
+    if torch.is_grad_enabled():     # create_graph: through the reference (the output is linear in the residual)
+        residual = torch.zeros_like(h).requires_grad_(ctx.needs_input_grad[1])
+        return differentiable_backward(mp_temporal_conv_block_ref, (h, residual, conv_weight, proj_weight, gain,
+                                                                    ctx.batch, ctx.mp_add_t), grad)
     grads = _mp_temporal_conv_block_backward_op(grad, h, conv_weight, proj_weight, gain, ctx.batch, ctx.mp_add_t)
     return (*grads, None, None)
 
@@ -282,6 +286,11 @@ def _block_setup_context(ctx, inputs, output):
 
 def _block_autograd_backward(ctx, grad):
     h, conv_weight, conv_bias, gamma, proj_weight = ctx.saved_tensors
+    if torch.is_grad_enabled():     # create_graph: through the reference (linear in the residual and proj bias)
+        residual = torch.zeros_like(h).requires_grad_(ctx.needs_input_grad[1])
+        proj_bias = h.new_zeros(h.shape[1], dtype=proj_weight.dtype).requires_grad_(ctx.needs_input_grad[6])
+        return differentiable_backward(temporal_conv_block_ref, (h, residual, conv_weight, conv_bias, gamma,
+                                                                 proj_weight, proj_bias, ctx.batch), grad)
     d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias = _temporal_conv_block_backward_op(
         grad, h, conv_weight, conv_bias, gamma, proj_weight, ctx.batch)
     return d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias, None

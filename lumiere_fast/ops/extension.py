@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._triton import differentiable_backward
+
 EXT_NAMESPACE = 'lumiere_fast_ext'     # not 'lumiere_fast': the Python custom ops (torch.library) own that one
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -84,6 +86,10 @@ def _register_python_parts():
 
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():     # create_graph: the weight-grad op has no derivative; through the reference
+            from .temporal_conv1d import temporal_conv1d_ref    # (here: that module imports this one)
+            bias = weight.new_zeros(weight.shape[0]).requires_grad_(ctx.needs_input_grad[2]) if ctx.has_bias else None
+            return differentiable_backward(temporal_conv1d_ref, (x, weight, bias, ctx.batch or None), grad)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # d out / d x is the same 'same'-padded conv with the taps reversed and in/out channels swapped

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._triton import NAMESPACE, cdiv, grid_1d, new_output, use_triton
+from ._triton import NAMESPACE, cdiv, device_guard, grid_1d, new_output, use_triton
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
@@ -90,11 +90,12 @@ def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: 
     def grid(meta):
         return grid_1d(batch * r * cdiv(q, meta['BLOCK_Q']) * cdiv(p, meta['BLOCK_P']))
 
-    _kernels()._fold_frames_kernel[grid](
-        frames if to_folded else folded, folded if to_folded else frames,
-        t, w, p, q, r,
-        s_bt, s_c, s_h, s_w, *_folded_strides(folded, layout),
-        TILE_T=tile_t, TO_FOLDED=to_folded, HW_MERGED=hw_merged)
+    with device_guard(frames):
+        _kernels()._fold_frames_kernel[grid](
+            frames if to_folded else folded, folded if to_folded else frames,
+            t, w, p, q, r,
+            s_bt, s_c, s_h, s_w, *_folded_strides(folded, layout),
+            TILE_T=tile_t, TO_FOLDED=to_folded, HW_MERGED=hw_merged)
 
 
 def _fold_frames_forward(x: Tensor, batch: int, layout: str) -> Tensor:

@@ -17,14 +17,13 @@ the backward (it never does inside Lumiere: the embedding is frozen).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from math import sqrt
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import KERNEL_DTYPES, NAMESPACE, grid_1d, new_output, use_triton
+from ._triton import KERNEL_DTYPES, NAMESPACE, device_guard, differentiable_backward, grid_1d, new_output, use_triton
 
 PIXEL_NORM_EPS = 1e-4      # upstream's PixelNorm default (the paper's high epsilon)
 
@@ -97,10 +96,6 @@ def _kernels():
     return k
 
 
-def _device(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
-
-
 def _pixel_norm_grid(x: Tensor, block_p: int) -> tuple[int]:
     b, _, h, w = x.shape
     return grid_1d(b * -(-(h * w) // block_p))
@@ -114,7 +109,7 @@ def _pixel_norm_silu_forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
     y, s = new_output(x.shape, x), new_output(x.shape, x)
     norm = new_output((b, h * w), x, torch.float32)
     block_c, block_p, warps = k.PIXEL_NORM_BLOCKS
-    with _device(x):
+    with device_guard(x):
         k.pixel_norm_silu_fwd_kernel[_pixel_norm_grid(x, block_p)](
             x, y, s, norm, c, h * w, sqrt(c), eps, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return y, s, norm
@@ -126,7 +121,7 @@ def _pixel_norm_silu_backward(grad_y: Tensor, grad_s: Tensor, x: Tensor, norm: T
     b, c, h, w = x.shape
     dx = new_output(x.shape, x)
     block_c, block_p, warps = k.PIXEL_NORM_BLOCKS
-    with _device(x):
+    with device_guard(x):
         k.pixel_norm_silu_bwd_kernel[_pixel_norm_grid(x, block_p)](
             x, grad_y, grad_s, norm, dx, c, h * w, sqrt(c), eps, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return dx
@@ -141,7 +136,7 @@ def _scale_silu_forward(x: Tensor, scale: Tensor) -> Tensor:
     x, scale = x.contiguous(), scale.contiguous()
     out = new_output(x.shape, x)
     block, warps = k.ELEMENTWISE_BLOCK
-    with _device(x):
+    with device_guard(x):
         k.scale_silu_fwd_kernel[_elementwise_grid(x.numel(), block)](
             x, scale, out, x.numel(), x.shape[2] * x.shape[3], BLOCK=block, num_warps=warps)
     return out
@@ -152,7 +147,7 @@ def _scale_silu_backward(grad: Tensor, x: Tensor, scale: Tensor) -> Tensor:
     x, scale, grad = x.contiguous(), scale.contiguous(), grad.contiguous()
     dx = new_output(x.shape, x)
     block, warps = k.ELEMENTWISE_BLOCK
-    with _device(x):
+    with device_guard(x):
         k.scale_silu_bwd_kernel[_elementwise_grid(x.numel(), block)](
             x, scale, grad, dx, x.numel(), x.shape[2] * x.shape[3], BLOCK=block, num_warps=warps)
     return dx
@@ -166,7 +161,7 @@ def _mp_cat_forward(a: Tensor, b: Tensor, t: float) -> Tensor:
     out = new_output((n, na + nb, h, w), a)
     ca, cb = mp_cat_coefficients(na, nb, t)
     block, warps = k.ELEMENTWISE_BLOCK
-    with _device(a):
+    with device_guard(a):
         k.mp_cat_fwd_kernel[_elementwise_grid(out.numel(), block)](
             a, b, out, out.numel(), na, nb, h * w, ca, cb, BLOCK=block, num_warps=warps)
     return out
@@ -203,6 +198,8 @@ def _pixel_norm_silu_setup(ctx, inputs, output):
 
 def _pixel_norm_silu_autograd(ctx, grad_y, grad_s, _grad_norm):
     x, norm = ctx.saved_tensors
+    if torch.is_grad_enabled():     # create_graph: through the reference
+        return differentiable_backward(pixel_norm_silu_ref, (x, ctx.eps), (grad_y, grad_s))
     return _pixel_norm_silu_backward_op(grad_y, grad_s, x, norm, ctx.eps), None
 
 
@@ -235,6 +232,8 @@ def _scale_silu_setup(ctx, inputs, output):
 
 def _scale_silu_autograd(ctx, grad):
     x, scale = ctx.saved_tensors
+    if torch.is_grad_enabled():     # create_graph: through the reference
+        return differentiable_backward(scale_silu_ref, (x, scale), grad)
     dx = _scale_silu_backward_op(grad, x, scale) if ctx.needs_input_grad[0] else None
     dscale = None
     if ctx.needs_input_grad[1]:     # never inside Lumiere (frozen embedding): a PyTorch reduction is enough

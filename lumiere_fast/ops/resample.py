@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import NAMESPACE, cdiv, dot_precision, grid_1d, new_output, target_programs, use_triton
+from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_precision, grid_1d, new_output,
+                      target_programs, use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .layout import frames_as_time_major, time_major_as_frames
 
@@ -117,12 +118,13 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
     def grid(meta):
         return grid_1d(batch * t_out * cdiv(p, meta['BLOCK_P']) * cdiv(c, meta['BLOCK_CO']))
 
-    _kernels()._resample_kernel[grid](
-        src, w, bias if bias is not None else w, y,
-        c, t_src, t_out, t_mid, p, wd, float(scale),
-        *src.stride(), *w_strides, *y.stride(),
-        SRC_MERGED=_merged(src), Y_MERGED=_merged(y),
-        MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=dot_precision(src))
+    with device_guard(src):
+        _kernels()._resample_kernel[grid](
+            src, w, bias if bias is not None else w, y,
+            c, t_src, t_out, t_mid, p, wd, float(scale),
+            *src.stride(), *w_strides, *y.stride(),
+            SRC_MERGED=_merged(src), Y_MERGED=_merged(y),
+            MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=dot_precision(src))
     return y
 
 
@@ -197,13 +199,14 @@ def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, mode: str,
     def grid(meta):
         return grid_1d(n_split * 3 * cdiv(c, meta['BLOCK_CO']) * cdiv(c, meta['BLOCK_CI']))
 
-    _kernels()._resample_weight_grad_kernel[grid](
-        x, grad, part, part_b,
-        c, t, t_out, t_mid, p, wd, float(scale),
-        batch * t_out, cdiv(batch * t_out, split_bj), p_per, split_p,
-        *x.stride(), *grad.stride(), d_s, d_o, d_i, d2,
-        SRC_MERGED=_merged(x), G_MERGED=_merged(grad),
-        MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=dot_precision(x))
+    with device_guard(x):
+        _kernels()._resample_weight_grad_kernel[grid](
+            x, grad, part, part_b,
+            c, t, t_out, t_mid, p, wd, float(scale),
+            batch * t_out, cdiv(batch * t_out, split_bj), p_per, split_p,
+            *x.stride(), *grad.stride(), d_s, d_o, d_i, d2,
+            SRC_MERGED=_merged(x), G_MERGED=_merged(grad),
+            MODE=kmode, NSRC=nsrc, HAS_BIAS=has_bias, DOT_PREC=dot_precision(x))
     gw = part.sum(0).to(weight.dtype)
     gb = part_b.sum(0).to(weight.dtype) if has_bias else None
     return gw, gb
@@ -258,10 +261,27 @@ def _setup_context(ctx, inputs, output):
     ctx.batch, ctx.mode, ctx.has_bias = batch, mode, bias is not None
 
 
+def _resample_ref(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int, mode: str) -> Tensor:
+    """The reference of one mode of the op."""
+    if mode == 'down':
+        return temporal_downsample_ref(x, weight, bias, batch)
+    if mode == 'up':
+        return temporal_upsample_ref(x, weight, bias, batch)
+    if mode == 'mp_down':
+        return mp_temporal_downsample_ref(x, weight, batch)
+    return mp_temporal_upsample_ref(x, weight, batch)
+
+
 def _autograd_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.has_bias
+    if torch.is_grad_enabled():     # create_graph: through the reference (linear in x, where x was not saved, and b)
+        if x is None:
+            x = weight.new_zeros(ctx.x_shape).requires_grad_(need_x)
+        bias = weight.new_zeros(weight.shape[1 if ctx.mode == 'up' else 0]).requires_grad_(need_b) \
+            if ctx.has_bias else None
+        return differentiable_backward(_resample_ref, (x, weight, bias, ctx.batch, ctx.mode), grad)
     gx, gw, gb = _temporal_resample_backward_op(grad, x, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch,
                                                 ctx.has_bias, need_x, need_w or need_b)
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import (NAMESPACE, cdiv, device_guard, dot_block, dot_precision, grid_1d, new_output, target_programs,
-                      use_triton, zeros32)
+from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
+                      new_output, target_programs, use_triton, zeros32)
 from .extension import cpu_native_wins, native_supported, native_temporal_conv1d
 from .layout import frames_as_time_major, time_major_as_frames
 
@@ -182,6 +182,9 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad):
     x, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():     # create_graph: through the reference (linear in the bias)
+        bias = weight.new_zeros(weight.shape[0]).requires_grad_(ctx.needs_input_grad[2]) if ctx.has_bias else None
+        return differentiable_backward(temporal_conv1d_ref, (x, weight, bias, ctx.batch), grad)
     grad_x, grad_w, grad_b = _temporal_conv1d_backward_op(grad, x, weight, ctx.batch, ctx.has_bias)
     return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
 
