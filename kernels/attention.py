@@ -93,14 +93,16 @@ def _row_norm(s_ptr, row_off, ss_c, valid, C, BLOCK_R: tl.constexpr, BLOCK_CK: t
         s = tl.load(s_ptr + row_off[:, None] + ck.to(tl.int64)[None, :] * ss_c,
                     mask=valid[:, None] & (ck < C)[None, :], other=0.).to(tl.float32)
         acc += tl.sum(s * s, axis=1)
-    return tl.sqrt(acc)
+    return tl.sqrt_rn(acc)
 
 
 @triton.jit
 def _pixel_norm_rows(v, eps, scale):
-    """F.normalize over the last axis (eps clamp of the norm) times sqrt(d); zero (masked) rows stay zero."""
-    nrm = tl.sqrt(tl.sum(v * v, axis=1))
-    return v / tl.maximum(nrm, eps)[:, None] * scale
+    """F.normalize over the last axis (eps clamp of the norm) times sqrt(d); zero (masked) rows stay zero.
+    Round-to-nearest sqrt and division, as torch's F.normalize (a GPU's tl.sqrt and `/` are approximations), for
+    every norm in this file: a row norm is then the reference's to the last bit."""
+    nrm = tl.sqrt_rn(tl.sum(v * v, axis=1))
+    return tl.div_rn(v, tl.maximum(nrm, eps)[:, None]) * scale
 
 
 @triton.jit
@@ -143,7 +145,7 @@ def _rms_inv(s_ptr, row_off, ss_c, valid, C, rms_scale, rms_eps, HAS_G: tl.const
              BLOCK_R: tl.constexpr, BLOCK_CK: tl.constexpr):
     """Per-row RMSNorm scale sqrt(c) / max(|row|, eps) (ones without a pre-norm)."""
     if HAS_G:
-        return rms_scale / tl.maximum(_row_norm(s_ptr, row_off, ss_c, valid, C, BLOCK_R, BLOCK_CK), rms_eps)
+        return tl.div_rn(rms_scale, tl.maximum(_row_norm(s_ptr, row_off, ss_c, valid, C, BLOCK_R, BLOCK_CK), rms_eps))
     return tl.full([BLOCK_R], 1.0, tl.float32)
 
 
@@ -297,12 +299,12 @@ def _attention_linear_kernel(
 def _pixel_norm_bwd(raw, dy, eps, scale):
     """Grad of y = raw / max(|raw|, eps) * scale, row-wise: scale / |raw| * (dy - u (u . dy)) with u = raw / |raw|,
     and scale / eps * dy where the norm is clamped."""
-    nrm = tl.sqrt(tl.sum(raw * raw, axis=1))
+    nrm = tl.sqrt_rn(tl.sum(raw * raw, axis=1))
     den = tl.maximum(nrm, eps)
-    u = raw / den[:, None]
+    u = tl.div_rn(raw, den[:, None])
     proj = tl.sum(u * dy, axis=1)
     dx = tl.where((nrm > eps)[:, None], dy - u * proj[:, None], dy)
-    return dx * (scale / den)[:, None]
+    return dx * tl.div_rn(scale, den)[:, None]
 
 
 
@@ -535,7 +537,7 @@ def _attention_rms_norm_backward_kernel(
         g = tl.load(g_ptr + c, mask=c < C, other=0.).to(tl.float32)
         ss += tl.sum(s * s, axis=0)
         se += tl.sum(s * f.to(tl.float32) * g[:, None], axis=0)
-    coef = tl.where(tl.sqrt(ss) > rms_eps, se / tl.where(ss > 0, ss, 1.), 0.)
+    coef = tl.where(tl.sqrt_rn(ss) > rms_eps, tl.div_rn(se, tl.where(ss > 0, ss, 1.)), 0.)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < C)[:, None] & p_mask[None, :]

@@ -159,8 +159,9 @@ def _conv_block_forward_kernel(
         y = y.to(out_ptr.dtype.element_ty)       # the scratch's rounding, so the norm sums what pass 2 reads
         ss += y.to(tl.float32) * y.to(tl.float32)
         tl.store(tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix), y, mask=mask)
-    # F.normalize: y / max(||y||_t, eps), a division as in torch (at t = 1 it then gives exactly +-1)
-    nrm = tl.maximum(tl.sqrt(ss), eps)
+    # F.normalize: y / max(||y||_t, eps), a division as in torch: at t = 1 it then gives exactly +-1, which needs
+    # round-to-nearest sqrt and division (a GPU compiles tl.sqrt and `/` to approximations, off by an ulp or two)
+    nrm = tl.maximum(tl.sqrt_rn(ss), eps)
     gscale = (norm_scale * tl.load(gamma_ptr + c, mask=c_mask, other=0.).to(tl.float32))[:, None]
     dt = h_ptr.dtype.element_ty
     if FUSE_PROJ:
@@ -171,7 +172,7 @@ def _conv_block_forward_kernel(
     for t in range(0, T):
         o_ptrs = tile_ptrs(out_ptr, clip0 + t, so_n, so_c, c, o_pix)
         y = tl.load(o_ptrs, mask=mask, other=0.).to(tl.float32)
-        a = silu(y / nrm * gscale)
+        a = silu(tl.div_rn(y, nrm) * gscale)
         if FUSE_PROJ:
             res = tl.load(tile_ptrs(r_ptr, clip0 + t, sr_n, sr_c, c, r_pix), mask=mask, other=0.)
             a = tl.dot(wp, a.to(dt), input_precision=PREC) + bp[:, None] + res.to(tl.float32)
@@ -288,9 +289,10 @@ def _conv_block_backward_kernel(
         y = y.to(y_ptr.dtype.element_ty)
         ss += y.to(tl.float32) * y.to(tl.float32)
         tl.store(y_ptr + (clip0 + t).to(tl.int64) * C * P + own, y, mask=mask)
-    norm = tl.sqrt(ss)
+    norm = tl.sqrt_rn(ss)
     # divide by the norm rather than multiply by its reciprocal: at t = 1, u = y / |y| is then exactly +-1 and
-    # the exact-zero gradient through the norm comes out as 0 rather than rounding noise
+    # the exact-zero gradient through the norm comes out as 0 rather than rounding noise (round-to-nearest sqrt
+    # and division, as torch computes them: the approximate ones are not exact there)
     nrm = tl.maximum(norm, eps)
     gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.).to(tl.float32)
     gscale = (norm_scale * gamma)[:, None]
@@ -303,7 +305,7 @@ def _conv_block_backward_kernel(
     tl.debug_barrier()
     for t in range(0, T):
         frame = (clip0 + t).to(tl.int64) * C * P
-        u = tl.load(y_ptr + frame + own, mask=mask, other=0.).to(tl.float32) / nrm
+        u = tl.div_rn(tl.load(y_ptr + frame + own, mask=mask, other=0.).to(tl.float32), nrm)
         s = u * gscale
         act, dact = _silu_parts(s)
         g = tl.load(tile_ptrs(g_ptr, clip0 + t, sg_n, sg_c, c, g_pix), mask=mask, other=0.)
@@ -325,9 +327,9 @@ def _conv_block_backward_kernel(
     tl.debug_barrier()
     for t in range(0, T):
         frame = (clip0 + t).to(tl.int64) * C * P
-        u = tl.load(y_ptr + frame + own, mask=mask, other=0.).to(tl.float32) / nrm
+        u = tl.div_rn(tl.load(y_ptr + frame + own, mask=mask, other=0.).to(tl.float32), nrm)
         du = tl.load(dy_ptr + frame + own, mask=mask, other=0.).to(tl.float32)
-        dy = tl.where(norm > eps, du - u * du_u, du) / nrm
+        dy = tl.div_rn(tl.where(norm > eps, du - u * du_u, du), nrm)
         tl.store(dy_ptr + frame + own, dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if FUSE_PROJ:
         tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :])

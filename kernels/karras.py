@@ -56,9 +56,9 @@ def pixel_norm_silu_fwd_kernel(x_ptr, y_ptr, s_ptr, norm_ptr, C, P, scale, eps,
         offs, mask = _channel_tile(c0, C, P, row, p, p_mask, BLOCK_C)
         v = tl.load(x_ptr + offs, mask=mask, other=0.).to(tl.float32)
         acc += tl.sum(v * v, axis=0)
-    norm = tl.sqrt(acc)
+    norm = tl.sqrt_rn(acc)      # round-to-nearest, as F.normalize (tl.sqrt is an approximation on a GPU)
     tl.store(norm_ptr + row * P + p, norm, mask=p_mask)
-    k = scale / tl.maximum(norm, eps)
+    k = tl.div_rn(scale, tl.maximum(norm, eps))
     for c0 in range(0, C, BLOCK_C):
         offs, mask = _channel_tile(c0, C, P, row, p, p_mask, BLOCK_C)
         v = tl.load(x_ptr + offs, mask=mask, other=0.).to(tl.float32)
@@ -85,7 +85,7 @@ def pixel_norm_silu_bwd_kernel(x_ptr, gy_ptr, gs_ptr, norm_ptr, dx_ptr, C, P, sc
     # clamp passes the gradient there), dx = scale / eps * g below it
     row, p, p_mask = _pixel_program(P, BLOCK_P)
     norm = tl.load(norm_ptr + row * P + p, mask=p_mask, other=1.)
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv = tl.div_rn(1.0, tl.maximum(norm, eps))
     k = scale * inv
     dot = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
