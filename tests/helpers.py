@@ -79,35 +79,108 @@ def strided_frames(b, t, c, H, W, dtype, layout='contiguous', device='cpu'):
     return torch.randn(b * t, c, H, W, dtype=dtype, device=device)
 
 
-_SM90_PRELUDE = r'''
-import os
+_SM90_PRELUDE = r"""
+import contextlib, io, os, re, sys, tempfile
 os.environ.pop('TRITON_INTERPRET', None)
+# A fresh cache: a cached kernel runs no ptxas, and ptxas's own report (-v, which Triton passes and prints with
+# TRITON_DUMP_PTXAS_LOG) is where registers and spills come from without a driver.
+import atexit, shutil
+os.environ['TRITON_CACHE_DIR'] = tempfile.mkdtemp(prefix='lumiere-sm90-')
+atexit.register(shutil.rmtree, os.environ['TRITON_CACHE_DIR'], True)
+os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+ROWS, FAILS, SPILLS, INEXACT = [], [], [], []
 
-def compile_for_h100(kernel, consts, dt='bf16', warps=4):
-    """Compile one specialisation of ``kernel`` for sm_90: pointer arguments (named *_ptr) of dtype dt, fp32 for
-    F32_BUFFERS; scalars i32, fp32 for FLOATS; ``consts`` are the constexprs."""
+
+def _ptxas_report(log):
+    def num(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+    if 'Used' not in log:
+        raise RuntimeError('no ptxas report in the compile output:\n' + log[-2000:])
+    return dict(regs=num(r'Used (\d+) registers'), spill_st=num(r'(\d+) bytes spill stores'),
+                spill_ld=num(r'(\d+) bytes spill loads'), ptxas_smem=num(r'(\d+) bytes smem'))
+
+
+def compile_for_h100(kernel, consts, dt='bf16', warps=4, stages=3, exact=()):
+    # Compile one specialisation of ``kernel`` for sm_90a: pointer arguments (named *_ptr, or in POINTERS) of
+    # dtype dt and 16-byte aligned (as every torch allocation; Triton specialises on it), fp32 for F32_BUFFERS;
+    # scalars i32, fp32 for FLOATS; ``consts`` are the constexprs. Records registers, spills and shared memory;
+    # ``exact``: ops ('sqrt', 'div') the kernel must compile to round-to-nearest (sqrt.rn / div.rn).
     fn = kernel
     while not isinstance(fn, triton.JITFunction):
         fn = fn.fn
+    def is_ptr(a):
+        return a.endswith('_ptr') or a in POINTERS
     def arg_type(a):
-        if a.endswith('_ptr'):
+        if is_ptr(a):
             return '*fp32' if a in F32_BUFFERS else '*' + dt
         return 'fp32' if a in FLOATS else 'i32'
     sig = {a: 'constexpr' if a in consts else arg_type(a) for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
-'''
+    attrs = {(i,): [['tt.divisibility', 16]] for i, a in enumerate(fn.arg_names) if a not in consts and is_ptr(a)}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+    rep = _ptxas_report(log.getvalue())
+    shared = k.metadata.shared + rep['ptxas_smem']
+    variant = ' '.join(f'{a}={v}' for a, v in consts.items())
+    row = (fn.__name__, f'{dt} w{warps} s{stages} {variant}', rep['regs'], rep['spill_st'], rep['spill_ld'], shared)
+    spills = max(rep['spill_st'], rep['spill_ld']) > MAX_SPILL
+    ROWS.append(row + ('SPILLS' if spills else '',))
+    if spills:
+        SPILLS.append(f'{row[0]} [{row[1]}]: {rep["spill_st"]}/{rep["spill_ld"]} B')
+    why = []
+    if shared > H100_SMEM:
+        why.append(f'shared memory {shared} B > {H100_SMEM} B per block')
+    if rep['regs'] > MAX_REGS:
+        why.append(f'{rep["regs"]} registers > {MAX_REGS} per thread')
+    ptx = k.asm['ptx']
+    if why:
+        FAILS.append(f'{row[0]} [{row[1]}]: ' + '; '.join(why))
+    for op in exact:
+        if (op == 'sqrt' and ('sqrt.approx' in ptx or 'sqrt.rn.f32' not in ptx)) or \
+                (op == 'div' and 'div.rn.f32' not in ptx):
+            INEXACT.append(f'{row[0]} [{row[1]}]: {op} is not round-to-nearest in the PTX')
 
 
-def compile_for_sm90(calls: str, f32_buffers=(), floats=()):
-    """Run ``calls`` (``compile_for_h100(kernel, consts, dt=..., warps=...)`` lines, which compile kernels for
-    sm_90 through Triton's ahead-of-time API) in a subprocess without TRITON_INTERPRET: the interpreter never
-    lowers a kernel, so GPU-only lowering errors surface here on a machine without a GPU. ``f32_buffers``: pointer
-    arguments that are fp32 whatever the kernel's dtype; ``floats``: fp32 scalar arguments."""
+def report():
+    w = max(len(r[0]) + len(r[1]) for r in ROWS) + 3
+    print(f'{"kernel [variant]":<{w}} {"regs":>5} {"spill st/ld B":>14} {"smem B":>7}')
+    for name, variant, regs, st, ld, smem, note in ROWS:
+        print(f'{name + " [" + variant + "]":<{w}} {regs:>5} {f"{st}/{ld}":>14} {smem:>7} {note}')
+    print(f'{len(ROWS)} variants; limits: {H100_SMEM} B shared, {MAX_REGS} registers; '
+          f'{len(SPILLS)} spill more than {MAX_SPILL} B a thread (reported, not failed)')
+    if FAILS:
+        print('DOES NOT FIT:\n' + '\n'.join(FAILS), file=sys.stderr)
+    if INEXACT:
+        print('NOT EXACT:\n' + '\n'.join(INEXACT), file=sys.stderr)
+    sys.exit(2 if FAILS else 3 if INEXACT else 0)
+"""
+
+# What an H100 (sm_90) gives one block: 227 KiB of shared memory (opt-in maximum) and 255 registers a thread;
+# above either the launch fails, so the test fails. Spills go to local memory (L1/L2-cached) and cost speed, not
+# correctness: a few hundred bytes a thread are cheap next to a fused kernel's traffic, more than MAX_SPILL (1 KiB)
+# means the tile does not fit the register file. Those are marked SPILLS in the table and listed, not failed:
+# the tiles are the launchers' choice and measured today (issue 13) well above 1 KiB for the fp32 'ieee' dots
+# (FMA, no tensor cores) and the 64-row attention tiles; shrinking them wants GPU timings.
+H100_SMEM, MAX_REGS, MAX_SPILL = 232448, 255, 1024
+
+
+def compile_for_sm90(calls: str, f32_buffers=(), floats=(), pointers=(), timeout=300):
+    """Run ``calls`` (``compile_for_h100(kernel, consts, dt=..., warps=..., stages=..., exact=...)`` lines, which
+    compile kernels for sm_90a through Triton's ahead-of-time API) in one subprocess without TRITON_INTERPRET:
+    the interpreter never lowers a kernel, so GPU-only lowering errors surface here on a machine without a GPU.
+    Prints a table of registers, spill bytes and shared memory per variant (``pytest -s`` shows it; SPILLS marks
+    more than ``MAX_SPILL``) and fails on a variant that does not fit an H100 (``H100_SMEM``, ``MAX_REGS``) or whose
+    ``exact`` ops are not round-to-nearest in its PTX (xfails on a Triton older than 3.8, whose tl.sqrt_rn /
+    tl.div_rn lower to approximations). ``f32_buffers``: pointer arguments that are fp32 whatever the kernel's dtype; ``floats``:
+    fp32 scalar arguments; ``pointers``: pointer arguments not named *_ptr."""
     import subprocess
     import sys
     try:
@@ -115,11 +188,18 @@ def compile_for_sm90(calls: str, f32_buffers=(), floats=()):
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         pytest.skip(f'this triton has no ahead-of-time compile API: {e}')
-    script = (_SM90_PRELUDE + f'F32_BUFFERS = {set(f32_buffers)!r}\nFLOATS = {set(floats)!r}\n' + calls
-              + "\nprint('compiled')\n")
+    script = (_SM90_PRELUDE + f'H100_SMEM, MAX_REGS, MAX_SPILL = {H100_SMEM}, {MAX_REGS}, {MAX_SPILL}\n'
+              f'F32_BUFFERS = {set(f32_buffers)!r}\nFLOATS = {set(floats)!r}\nPOINTERS = {set(pointers)!r}\n'
+              + calls + '\nreport()\n')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0 and 'compiled' in run.stdout, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=timeout)
+    print(run.stdout)
+    import triton
+    if run.returncode == 3 and tuple(map(int, triton.__version__.split('.')[:2])) < (3, 8):
+        # measured: triton 3.6 lowers tl.sqrt_rn / tl.div_rn to sqrt.approx / div.full on sm_90 (3.8: .rn)
+        pytest.xfail(f'triton {triton.__version__} compiles tl.sqrt_rn/tl.div_rn to approximations: '
+                     + run.stderr[-500:])
+    assert run.returncode == 0 and 'variants; limits' in run.stdout, run.stderr[-5000:]
 
 
 # --------------------------------------------------------------------------- references vs explicit compositions

@@ -454,25 +454,49 @@ def test_tf32_gpu(monkeypatch):
 
 _COMPILE_CALLS = r'''
 from lumiere_fast.kernels import attention as K
-for mp, has_g, has_mem, block_r, block_d, dt, prec, warps in [
-        (True, False, True, 32, 64, 'bf16', 'ieee', 8), (False, True, False, 32, 128, 'fp32', 'tf32', 8)]:
-    meta = dict(MP=mp, HAS_G=has_g, HAS_MEM=has_mem, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_CK=32,
+CORE = dict(fwd=(K._attention_core_kernel, dict(WRITE_LSE=False)), bwd=(K._attention_core_backward_kernel, {}),
+            dkv=(K._attention_core_backward_long_kernel, dict(DKV=True)),
+            dq=(K._attention_core_backward_long_kernel, dict(DKV=False)))
+R_MAX = K.ATTN_ROWS_MAX
+# What the launchers (ops/attention.py: _row_tiles, _core_meta) launch: BLOCK_R 32 (T <= 32) or R_MAX (T = 33..64,
+# and the long backward's blocks) at d = 64, 32 at d = 128; BLOCK_CK = dot_block(c, 32), BLOCK_M = dot_block(m)
+# (4 memory keys), 8 warps (4 only for tiles under 32 x 64). fp32 runs 'ieee' dots unless the matmul flag allows
+# TF32; fp16/bf16 are the autocast variants (every data pointer in the autocast dtype).
+# (kinds, MP, BLOCK_R, BLOCK_D, dtypes, PREC)
+VARIANTS = [
+    (('fwd', 'bwd'), True, 32, 64, ('bf16', 'fp16', 'fp32'), 'ieee'),
+    (('dkv', 'dq'), True, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),
+    (('dq',), True, R_MAX, 64, ('fp16',), 'ieee'),
+    (('fwd', 'bwd'), True, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),          # T = 33..64
+    (('fwd', 'bwd'), False, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),         # non-MP: RMSNorm pre-norm, no memory
+    (('dkv', 'dq'), False, R_MAX, 64, ('bf16',), 'ieee'),
+    (('fwd', 'bwd'), True, R_MAX // 2, 128, ('bf16',), 'ieee'),           # d = 128: the row cap halves
+    (('fwd',), True, R_MAX // 2, 128, ('fp32',), 'ieee'),
+]
+for kinds, mp, block_r, block_d, dts, prec in VARIANTS:
+    meta = dict(MP=mp, HAS_G=not mp, HAS_MEM=mp, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_CK=32,
                 BLOCK_M=16)
-    compile_for_h100(K._attention_core_kernel, dict(meta, WRITE_LSE=not mp), dt=dt, warps=warps)
-    if mp:      # (each variant once: ptxas time adds up on CI's CPUs)
-        compile_for_h100(K._attention_core_backward_kernel, meta, dt=dt, warps=warps)
-    compile_for_h100(K._attention_core_backward_long_kernel, dict(meta, DKV=mp), dt=dt, warps=warps)
-compile_for_h100(K._attention_linear_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee', BLOCK_CI=32,
-                                              BLOCK_CO=64, BLOCK_P=64))
-compile_for_h100(K._attention_rms_norm_backward_kernel, dict(HAS_RES=True, BLOCK_C=64, BLOCK_P=64))
-compile_for_h100(K._attention_channel_sum_kernel, dict(HAS_B=True, BLOCK_C=64, BLOCK_P=64))
+    for kind in kinds:
+        kern, extra = CORE[kind]
+        for dt in dts:
+            compile_for_h100(kern, dict(meta, **extra), dt=dt, warps=8, exact=('sqrt', 'div'))
+for dt in ('bf16', 'fp16', 'fp32'):
+    for cfg in K._attention_linear_kernel.configs:     # every autotune config, the widest input-channel block
+        compile_for_h100(K._attention_linear_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee',
+                                                          BLOCK_CI=32, **cfg.kwargs), dt=dt, warps=cfg.num_warps,
+                         stages=cfg.num_stages)
+    blk_c, blk_p = K.CHAN_BLOCKS
+    compile_for_h100(K._attention_rms_norm_backward_kernel, dict(HAS_RES=True, BLOCK_C=blk_c, BLOCK_P=blk_p), dt=dt,
+                     exact=('sqrt', 'div'))
+    compile_for_h100(K._attention_channel_sum_kernel, dict(HAS_B=True, BLOCK_C=blk_c, BLOCK_P=blk_p), dt=dt)
 '''
 FLOATS = {'c_out', 'c_res', 'norm_scale', 'sm_scale', 'eps', 'rms_scale', 'rms_eps'}
-F32_BUFFERS = {'dmem_ptr', 'part_ptr'}
+F32_BUFFERS = {'dmem_ptr', 'part_ptr', 'lse_ptr'}
 
 
 @pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter never lowers the kernels: compile them for sm_90 through ptxas, so a GPU-only lowering
-    error fails here too."""
-    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS)
+    """The interpreter never lowers the kernels: compile what the launchers launch for sm_90 through ptxas, so a
+    GPU-only lowering error, a variant that does not fit an H100, or a norm that is not round-to-nearest fails
+    here too (``pytest -s`` prints registers, spills and shared memory per variant)."""
+    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS, timeout=600)

@@ -310,12 +310,21 @@ def test_past_int32_offsets_gpu():
 
 _COMPILE_CALLS = r'''
 from lumiere_fast.kernels import conv_block as K
-P = dict(PREC='ieee', BLOCK_P=32)
-compile_for_h100(K._conv_block_mp_forward_kernel, dict(BLOCK_C=128, BLOCK_CI=32, **P), warps=8)
-compile_for_h100(K._conv_block_forward_kernel, dict(FUSE_PROJ=True, BLOCK_C=128, BLOCK_CI=32, **P), warps=8)
-compile_for_h100(K._conv_block_mp_backward_kernel, dict(FUSE_PROJ=True, BLOCK_C=64, BLOCK_CI=32, TILES_PER_PROG=4, **P),
-                 warps=8)
-compile_for_h100(K._conv_block_backward_kernel, dict(FUSE_PROJ=False, BLOCK_C=64, BLOCK_CI=32, **P), warps=8)
+# What the launchers (ops/conv_block.py) launch: the fused kernels with BLOCK_C = dot_block(c) up to FUSE_MAX_C
+# (forward) / BWD_FUSE_MAX_C (backward), the split ones with SPLIT_BLOCK_C; BLOCK_CI = dot_block(c, 32). Every
+# autotune config in bf16 (autocast: every data pointer bf16); fp32 with 'ieee' dots (cudnn.allow_tf32 off: the
+# widest register tiles) and fp16 on the first config (ptxas on fp32 FMA tiles takes ~5 s each); norms exact.
+def each(kernel, consts, exact=()):
+    for i, cfg in enumerate(kernel.configs):
+        for dt in ('bf16', 'fp32', 'fp16') if i == 0 else ('bf16',):
+            compile_for_h100(kernel, dict(consts, PREC='ieee', **cfg.kwargs), dt=dt, warps=cfg.num_warps,
+                             stages=cfg.num_stages, exact=exact)
+each(K._conv_block_mp_forward_kernel, dict(BLOCK_C=K.FUSE_MAX_C, BLOCK_CI=32))
+for fuse, block_c in ((True, K.FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
+    each(K._conv_block_forward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32), exact=('sqrt', 'div'))
+for fuse, block_c in ((True, K.BWD_FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
+    each(K._conv_block_mp_backward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32))
+    each(K._conv_block_backward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32), exact=('sqrt', 'div'))
 '''
 F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dbp_ptr', 'dgamma_ptr'}
 FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}
@@ -323,6 +332,7 @@ FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}
 
 @pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter never lowers the kernels: compile one variant of each (bf16 fused and split paths) for
-    sm_90 through ptxas, so a GPU-only lowering error fails here too."""
-    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS)
+    """The interpreter never lowers the kernels: compile what the launchers launch (fused and split paths, every
+    autotune config) for sm_90 through ptxas, so a GPU-only lowering error, a variant that does not fit an H100 or
+    a time norm that is not round-to-nearest fails here too (``pytest -s`` prints the per-variant table)."""
+    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS, timeout=600)

@@ -296,3 +296,30 @@ def test_gpu_past_int32_elements(layout):
         u = ops.unfold_frames(y, b, h, w, layout)
     del y
     assert torch.equal(u, x)
+
+
+# ------------------------------------------------------------------------------ GPU compile without a GPU
+
+_COMPILE_CALLS = r'''
+from lumiere_fast.kernels import fold as K
+# What ops/fold.py launches: every autotune config, both layouts (TILE_T) and directions, merged (contiguous or
+# channels_last) pixels; the general (h, w) split and fp16 once.
+for i, cfg in enumerate(K._fold_frames_kernel.configs):
+    for tile_t in (True, False):
+        for to_folded in (True, False):
+            for dt in ('bf16', 'fp32', 'fp16') if i == 0 and tile_t and to_folded else ('bf16', 'fp32'):
+                compile_for_h100(K._fold_frames_kernel, dict(TILE_T=tile_t, TO_FOLDED=to_folded, HW_MERGED=True,
+                                                             **cfg.kwargs), dt=dt, warps=cfg.num_warps,
+                                 stages=cfg.num_stages)
+compile_for_h100(K._fold_frames_kernel, dict(TILE_T=True, TO_FOLDED=True, HW_MERGED=False, BLOCK_Q=64, BLOCK_P=128),
+                 warps=8)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter never lowers the kernel: compile what the launcher launches for sm_90 through ptxas, so a
+    GPU-only lowering error or a tile whose layout conversion does not fit an H100's shared memory fails here too
+    (``pytest -s`` prints registers, spills and shared memory per variant)."""
+    from helpers import compile_for_sm90
+    compile_for_sm90(_COMPILE_CALLS, pointers={'src', 'dst'})

@@ -163,12 +163,15 @@ def test_compile_fullgraph_no_graph_break(monkeypatch):
 
 _COMPILE_CALLS = '''
 from lumiere_fast.kernels import karras as K
-for dt in ('bf16', 'fp32'):
-    compile_for_h100(K.pixel_norm_silu_fwd_kernel, dict(BLOCK_C=32, BLOCK_P=128), dt=dt)
-    compile_for_h100(K.pixel_norm_silu_bwd_kernel, dict(BLOCK_C=32, BLOCK_P=128), dt=dt)
-    compile_for_h100(K.scale_silu_fwd_kernel, dict(BLOCK=1024), dt=dt)
-    compile_for_h100(K.scale_silu_bwd_kernel, dict(BLOCK=1024), dt=dt)
-    compile_for_h100(K.mp_cat_fwd_kernel, dict(BLOCK=1024), dt=dt)
+# the launchers' (ops/karras.py) blocks and warps, every dtype a kernel takes (fp32 without autocast)
+bc, bp, nw = K.PIXEL_NORM_BLOCKS
+block, ew = K.ELEMENTWISE_BLOCK
+for dt in ('bf16', 'fp16', 'fp32'):
+    compile_for_h100(K.pixel_norm_silu_fwd_kernel, dict(BLOCK_C=bc, BLOCK_P=bp), dt=dt, warps=nw, exact=('sqrt', 'div'))
+    compile_for_h100(K.pixel_norm_silu_bwd_kernel, dict(BLOCK_C=bc, BLOCK_P=bp), dt=dt, warps=nw, exact=('div',))
+    compile_for_h100(K.scale_silu_fwd_kernel, dict(BLOCK=block), dt=dt, warps=ew)
+    compile_for_h100(K.scale_silu_bwd_kernel, dict(BLOCK=block), dt=dt, warps=ew)
+    compile_for_h100(K.mp_cat_fwd_kernel, dict(BLOCK=block), dt=dt, warps=ew)
 '''
 
 

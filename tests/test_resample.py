@@ -376,3 +376,32 @@ def test_int64_offsets_gpu():
     assert_close_rel(y2[:, :, row].float(), y2_ref, TOL[torch.float16], what='mp downsample, last row')
     del y, y2
     torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ GPU compile without a GPU
+
+_COMPILE_CALLS = r'''
+from lumiere_fast.kernels import resample as K
+# What ops/resample.py launches: each mode of the GEMM kernel (forward: DOWN, UP, INTERP with 2 blend terms;
+# input grads: UP, DOWN, INTERP_ADJ with 1 (halving) or 4 (doubling) terms) and of the weight grad (the forward
+# modes), bf16 / fp16 (autocast: every data pointer in that dtype) and fp32 with 'ieee' dots (the widest register
+# tiles); every autotune config at the widest blend in bf16 (ptxas on fp32 FMA tiles takes seconds each).
+MODES = ((K.MODE_DOWN, 1), (K.MODE_UP, 1), (K.MODE_INTERP, 2), (K.MODE_INTERP_ADJ, 1), (K.MODE_INTERP_ADJ, 4))
+MERGED = dict(SRC_MERGED=True, HAS_BIAS=True, DOT_PREC='ieee')
+for kernel, modes, merged in ((K._resample_kernel, MODES, dict(Y_MERGED=True)),
+                              (K._resample_weight_grad_kernel, MODES[:3], dict(G_MERGED=True))):
+    for i, cfg in enumerate(kernel.configs):
+        for mode, nsrc in modes if i == 0 else modes[-1:]:
+            for dt in ('bf16', 'fp16', 'fp32') if i == 0 else ('bf16',):
+                compile_for_h100(kernel, dict(MERGED, MODE=mode, NSRC=nsrc, **merged, **cfg.kwargs), dt=dt,
+                                 warps=cfg.num_warps, stages=cfg.num_stages)
+'''
+
+
+@pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter never lowers the kernels: compile what the launchers launch for sm_90 through ptxas, so a
+    GPU-only lowering error or a variant that does not fit an H100 fails here too (``pytest -s`` prints registers,
+    spills and shared memory per variant)."""
+    from helpers import compile_for_sm90
+    compile_for_sm90(_COMPILE_CALLS, f32_buffers={'dw_ptr', 'db_ptr'}, floats={'scale'})

@@ -479,15 +479,27 @@ def test_native_cuda_large_bf16():
 
 _COMPILE_CALLS = r'''
 from lumiere_fast.kernels import temporal_conv1d as K
-compile_for_h100(K._temporal_conv1d_kernel, dict(EPI=K.EPI_MP_OUT, PREC='ieee', BLOCK_C=64, BLOCK_CI=32, BLOCK_P=32),
-                 warps=8)
-compile_for_h100(K._temporal_conv1d_weight_grad_kernel,
-                 dict(HAS_BIAS=True, PREC='tf32', BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=32), dt='fp32', warps=8)
+# What the launchers (ops/temporal_conv1d.py) launch: every autotune config of the conv at BLOCK_CI =
+# dot_block(c_in, 32) with each epilogue (the conv block's split path uses all of them), and the weight grad at
+# WGRAD_BLOCKS; bf16 and fp16 (autocast: every data pointer in that dtype) and fp32 with 'ieee' dots (the widest
+# register tiles; TF32 once).
+for i, cfg in enumerate(K._temporal_conv1d_kernel.configs):
+    epis = (K.EPI_NONE, K.EPI_MP_SILU, K.EPI_MP_OUT, K.EPI_BIAS_RESIDUAL, K.EPI_BIAS)
+    for epi in epis if i == 0 else (K.EPI_MP_OUT,):
+        for dt in ('bf16', 'fp16', 'fp32'):
+            compile_for_h100(K._temporal_conv1d_kernel, dict(EPI=epi, PREC='ieee', BLOCK_CI=32, **cfg.kwargs), dt=dt,
+                             warps=cfg.num_warps, stages=cfg.num_stages)
+b_co, b_ci, b_p = K.WGRAD_BLOCKS
+for dt, prec in (('bf16', 'ieee'), ('fp16', 'ieee'), ('fp32', 'ieee'), ('fp32', 'tf32')):
+    compile_for_h100(K._temporal_conv1d_weight_grad_kernel,
+                     dict(HAS_BIAS=True, PREC=prec, BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p), dt=dt,
+                     warps=K.WGRAD_WARPS)
 '''
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter never lowers the kernels: compile the conv (an epilogue with a residual) in bf16 and the
-    TF32 weight grad for sm_90 through ptxas, so a GPU-only lowering error fails here too."""
+    """The interpreter never lowers the kernels: compile what the launchers launch (every conv config and
+    epilogue, the weight grad) for sm_90 through ptxas, so a GPU-only lowering error or a variant that does not fit
+    an H100 fails here too (``pytest -s`` prints registers, spills and shared memory per variant)."""
     compile_for_sm90(_COMPILE_CALLS, f32_buffers={'dw_ptr', 'db_ptr'}, floats={'c_out', 'c_res', 'silu_scale'})
