@@ -385,14 +385,15 @@ from lumiere_fast.kernels import resample as K
 # What ops/resample.py launches: each mode of the GEMM kernel (forward: DOWN, UP, INTERP with 2 blend terms;
 # input grads: UP, DOWN, INTERP_ADJ with 1 (halving) or 4 (doubling) terms) and of the weight grad (the forward
 # modes), bf16 / fp16 (autocast: every data pointer in that dtype) and fp32 with 'ieee' dots (the widest register
-# tiles); every autotune config at the widest blend in bf16 (ptxas on fp32 FMA tiles takes seconds each).
+# tiles); every autotune config at the widest blend in bf16 and fp32 (fp32's multi-stage configs measured at
+# 150-224 KiB of shared memory, the widest within 3 KiB of an H100's 227 KiB: kept, so a change past it fails).
 MODES = ((K.MODE_DOWN, 1), (K.MODE_UP, 1), (K.MODE_INTERP, 2), (K.MODE_INTERP_ADJ, 1), (K.MODE_INTERP_ADJ, 4))
 MERGED = dict(SRC_MERGED=True, HAS_BIAS=True, DOT_PREC='ieee')
 for kernel, modes, merged in ((K._resample_kernel, MODES, dict(Y_MERGED=True)),
                               (K._resample_weight_grad_kernel, MODES[:3], dict(G_MERGED=True))):
     for i, cfg in enumerate(kernel.configs):
         for mode, nsrc in modes if i == 0 else modes[-1:]:
-            for dt in ('bf16', 'fp16', 'fp32') if i == 0 else ('bf16',):
+            for dt in ('bf16', 'fp16', 'fp32') if i == 0 else ('bf16', 'fp32'):
                 compile_for_h100(kernel, dict(MERGED, MODE=mode, NSRC=nsrc, **merged, **cfg.kwargs), dt=dt,
                                  warps=cfg.num_warps, stages=cfg.num_stages)
 '''
