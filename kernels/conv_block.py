@@ -53,6 +53,8 @@ _FUSED_CONFIGS = configs(_config_list([(dict(BLOCK_P=16), 8), (dict(BLOCK_P=32),
 _BWD_CONFIGS = configs(_config_list([(dict(BLOCK_P=16, TILES_PER_PROG=4), 8), (dict(BLOCK_P=32, TILES_PER_PROG=4), 4),
                                      (dict(BLOCK_P=32, TILES_PER_PROG=4), 8), (dict(BLOCK_P=64, TILES_PER_PROG=2), 8)]),
                        _config_list([(dict(BLOCK_P=16, TILES_PER_PROG=2), 4)]))
+# the narrowest pixel tile of the non-MP backward: its deterministic variant's partial rows are sized by it
+MIN_BLOCK_P = min(c.kwargs['BLOCK_P'] for c in _FUSED_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -265,14 +267,16 @@ def _conv_block_backward_kernel(
         dwp_ptr, dbp_ptr, dgamma_ptr,
         norm_scale, eps,
         T, C, P, W, K, PAD,
-        FUSE_PROJ: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-        BLOCK_P: tl.constexpr):
+        FUSE_PROJ: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
     """Non-MP backward, all T frames of one pixel tile x one channel tile per program (the time norm couples the
     frames). y is recomputed (pass 1, also the norm) and parked in ``y_ptr`` (the grad_h buffer, free until
     grad_h is computed from dy); pass 2 goes down to du = dL/d(normalised y) into ``dy_ptr`` while summing
     du * u over time; pass 3 applies the normalisation's backward
         dy = (du - u * sum_t(du * u)) / ||y||      (||y|| > eps; else du / eps, F.normalize's clamp)
-    and overwrites du with dy. Grad proj bias and gamma: per-program fp32 sums, one atomic add each.
+    and overwrites du with dy. Grad proj bias and gamma: per-program fp32 sums, one atomic add each
+    (DETERMINISTIC: stored as row program_id of (programs, C) partials, summed by the host in a fixed order; the
+    launcher then never fuses the projection, whose grad would need atomics too).
     FUSE_PROJ (BLOCK_C >= C): grad proj from registers (atomic flush); split: the activation goes to ``a_ptr``
     (grad proj is reduced from it afterwards) and the projection's input grad reads all of g from memory.
     Grid: (clip, pixel tile, channel tile) flattened."""
@@ -333,5 +337,10 @@ def _conv_block_backward_kernel(
         tl.store(dy_ptr + frame + own, dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if FUSE_PROJ:
         tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :])
-    tl.atomic_add(dbp_ptr + c, tl.sum(dbp, axis=1), mask=c_mask)
-    tl.atomic_add(dgamma_ptr + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)
+    if DETERMINISTIC:
+        row = tl.program_id(0).to(tl.int64) * C
+        tl.store(dbp_ptr + row + c, tl.sum(dbp, axis=1), mask=c_mask)
+        tl.store(dgamma_ptr + row + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)
+    else:
+        tl.atomic_add(dbp_ptr + c, tl.sum(dbp, axis=1), mask=c_mask)
+        tl.atomic_add(dgamma_ptr + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)

@@ -9,17 +9,16 @@ All tensors are contiguous ``b c (h w)``: a channel step is P = h*w elements, th
 Everything computes in fp32 and casts once on store; offsets are int64 (a tensor can pass 2**31 elements).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+from .grid import INTERPRET
+
 # (BLOCK_C, BLOCK_P, num_warps): 32 channels x 128 pixels is 16 KiB of fp32 per chunk, 256-byte bf16 runs per
 # channel row. The interpreter gets small tiles so the tiny test shapes cross tile borders (tails) in c and p.
-PIXEL_NORM_BLOCKS = (4, 16, 1) if _INTERPRET else (32, 128, 4)
+PIXEL_NORM_BLOCKS = (4, 16, 1) if INTERPRET else (32, 128, 4)
 # (BLOCK, num_warps) of the flat elementwise kernels: 8 elements a thread at 4 warps, 16-byte bf16 accesses
-ELEMENTWISE_BLOCK = (64, 1) if _INTERPRET else (1024, 4)
+ELEMENTWISE_BLOCK = (64, 1) if INTERPRET else (1024, 4)
 
 
 @triton.jit

@@ -113,11 +113,13 @@ def _temporal_conv1d_weight_grad_kernel(
         x_ptr, sx_n, sx_c, sx_h, sx_w,
         dw_ptr, db_ptr,
         N, T, C_out, C_in, P, W, K, PAD, rows_per_prog,
-        HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
     """dw[co, ci, k] += sum over (frame n, pixel p) of dy[n, co, p] * x[n + k - PAD, ci, p] (same clip), and
     db[co] += sum dy (HAS_BIAS). A GEMM whose reduction axis is every (frame, pixel): split-K, each program
-    reduces ``rows_per_prog`` (frame, pixel tile) rows in fp32 and flushes one atomic add of its [co, ci] tile.
+    reduces ``rows_per_prog`` (frame, pixel tile) rows in fp32 and flushes one atomic add of its [co, ci] tile;
+    DETERMINISTIC: each split stores its own partial instead (dw (splits, C_out, C_in, K), db (splits, C_out)),
+    which the host sums in a fixed order (atomics add in whatever order programs finish).
     K = 1, PAD = 0: sum of dy (x) x over frames and pixels, a 1x1 projection's weight grad.
     Grid: (split, tap, co tile, ci tile) flattened."""
     pid = tl.program_id(0)
@@ -149,7 +151,13 @@ def _temporal_conv1d_weight_grad_kernel(
         acc += tl.dot(d.to(xs.dtype), xs, input_precision=PREC)
         if HAS_BIAS:
             dbias += tl.sum(d.to(tl.float32), axis=1)
-    tl.atomic_add(dw_ptr + co[:, None] * (C_in * K) + ci[None, :] * K + k, acc,
-                  mask=co_mask[:, None] & ci_mask[None, :])
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + co, dbias, mask=co_mask & (k == 0) & (cit == 0))
+    dw_off = co[:, None] * (C_in * K) + ci[None, :] * K + k
+    if DETERMINISTIC:
+        tl.store(dw_ptr + split.to(tl.int64) * (C_out * C_in * K) + dw_off, acc,
+                 mask=co_mask[:, None] & ci_mask[None, :])
+        if HAS_BIAS:
+            tl.store(db_ptr + split.to(tl.int64) * C_out + co, dbias, mask=co_mask & (k == 0) & (cit == 0))
+    else:
+        tl.atomic_add(dw_ptr + dw_off, acc, mask=co_mask[:, None] & ci_mask[None, :])
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + co, dbias, mask=co_mask & (k == 0) & (cit == 0))

@@ -178,9 +178,10 @@ def compile_for_sm90(calls: str, f32_buffers=(), floats=(), pointers=(), timeout
     the interpreter never lowers a kernel, so GPU-only lowering errors surface here on a machine without a GPU.
     Prints a table of registers, spill bytes and shared memory per variant (``pytest -s`` shows it; SPILLS marks
     more than ``MAX_SPILL``) and fails on a variant that does not fit an H100 (``H100_SMEM``, ``MAX_REGS``) or whose
-    ``exact`` ops are not round-to-nearest in its PTX (xfails on a Triton older than 3.8, whose tl.sqrt_rn /
-    tl.div_rn lower to approximations). ``f32_buffers``: pointer arguments that are fp32 whatever the kernel's dtype; ``floats``:
-    fp32 scalar arguments; ``pointers``: pointer arguments not named *_ptr."""
+    ``exact`` ops are not round-to-nearest in its PTX (Triton before 3.8 lowers tl.sqrt_rn / tl.div_rn to
+    approximations: the kernels' ``grid.sqrt_rn`` / ``grid.div_rn`` take libdevice's there, which this checks).
+    ``f32_buffers``: pointer arguments that are fp32 whatever the kernel's dtype; ``floats``: fp32 scalar
+    arguments; ``pointers``: pointer arguments not named *_ptr."""
     import subprocess
     import sys
     try:
@@ -194,11 +195,6 @@ def compile_for_sm90(calls: str, f32_buffers=(), floats=(), pointers=(), timeout
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=timeout)
     print(run.stdout)
-    import triton
-    if run.returncode == 3 and tuple(map(int, triton.__version__.split('.')[:2])) < (3, 8):
-        # measured: triton 3.6 lowers tl.sqrt_rn / tl.div_rn to sqrt.approx / div.full on sm_90 (3.8: .rn)
-        pytest.xfail(f'triton {triton.__version__} compiles tl.sqrt_rn/tl.div_rn to approximations: '
-                     + run.stderr[-500:])
     assert run.returncode == 0 and 'variants; limits' in run.stdout, run.stderr[-5000:]
 
 

@@ -324,7 +324,12 @@ for fuse, block_c in ((True, K.FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
     each(K._conv_block_forward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32), exact=('sqrt', 'div'))
 for fuse, block_c in ((True, K.BWD_FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
     each(K._conv_block_mp_backward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32))
-    each(K._conv_block_backward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32), exact=('sqrt', 'div'))
+    each(K._conv_block_backward_kernel, dict(FUSE_PROJ=fuse, DETERMINISTIC=False, BLOCK_C=block_c, BLOCK_CI=32),
+         exact=('sqrt', 'div'))
+# deterministic mode: never fused, partial stores instead of atomics (first config)
+compile_for_h100(K._conv_block_backward_kernel, dict(FUSE_PROJ=False, DETERMINISTIC=True, BLOCK_C=K.SPLIT_BLOCK_C,
+                 BLOCK_CI=32, PREC='ieee', **K._conv_block_backward_kernel.configs[0].kwargs), dt='bf16',
+                 warps=K._conv_block_backward_kernel.configs[0].num_warps, exact=('sqrt', 'div'))
 '''
 F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dbp_ptr', 'dgamma_ptr'}
 FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}

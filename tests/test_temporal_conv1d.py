@@ -490,10 +490,11 @@ for i, cfg in enumerate(K._temporal_conv1d_kernel.configs):
             compile_for_h100(K._temporal_conv1d_kernel, dict(EPI=epi, PREC='ieee', BLOCK_CI=32, **cfg.kwargs), dt=dt,
                              warps=cfg.num_warps, stages=cfg.num_stages)
 b_co, b_ci, b_p = K.WGRAD_BLOCKS
-for dt, prec in (('bf16', 'ieee'), ('fp16', 'ieee'), ('fp32', 'ieee'), ('fp32', 'tf32')):
+for dt, prec, det in (('bf16', 'ieee', False), ('fp16', 'ieee', False), ('fp32', 'ieee', False),
+                      ('fp32', 'tf32', False), ('bf16', 'ieee', True)):          # True: deterministic mode
     compile_for_h100(K._temporal_conv1d_weight_grad_kernel,
-                     dict(HAS_BIAS=True, PREC=prec, BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p), dt=dt,
-                     warps=K.WGRAD_WARPS)
+                     dict(HAS_BIAS=True, PREC=prec, DETERMINISTIC=det, BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p),
+                     dt=dt, warps=K.WGRAD_WARPS)
 '''
 
 

@@ -19,8 +19,8 @@ A file with several ops (the MP and non-MP blocks, the four resamples over one `
 the launcher / custom-op names per op; fold and unfold are each other's backward, so they have no ``_backward`` op.
 
 Kernels live in ``lumiere_fast.kernels.<op>`` (``kernels/<op>.py``, named ``_<op>_..._kernel``), and every op
-file imports them one way, lazily, inside the launchers: ``def _kernels(): from ..kernels import <op> as k;
-return k``. Lazy because under ``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is
+file imports them one way, lazily, inside the launchers: ``@cache def _kernels(): from ..kernels import <op> as
+k; return k`` (cached: an import statement per launch is a microsecond of host time). Lazy because under ``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is
 decorated, and because plain CPU users should not pay for importing Triton at all.
 """
 
@@ -38,18 +38,68 @@ NAMESPACE = 'lumiere_fast'
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def use_triton(op: str, *tensors: torch.Tensor, supported: bool = True) -> bool:
+def use_triton(op: str, *tensors: torch.Tensor | None, supported: bool = True, autocast: bool = True) -> bool:
     """True when ``op`` should run its Triton kernel on these tensors (see ``backend.choose``).
 
-    ``supported``: whether the kernel handles this call's sizes/flags; dtypes outside ``KERNEL_DTYPES`` and
-    tensors on different devices always take the reference.
+    ``supported``: whether the kernel handles this call's sizes/flags. The kernel needs one dtype out of
+    ``KERNEL_DTYPES`` for every tensor (None entries are skipped) on one device: the dtype they have, or with
+    ``autocast`` (the ops that replace convolutions and linears) the dtype :func:`autocast_inputs` casts them to
+    under autocast, which the caller then applies. Otherwise the reference runs.
     """
     x = tensors[0]
-    ok = supported and all(t.dtype in KERNEL_DTYPES and t.device == x.device for t in tensors)
-    if ok and not x.is_cuda and any(t.dtype == torch.bfloat16 for t in tensors) and \
-            os.environ.get('TRITON_INTERPRET', '0') == '1':
+    ok = supported and kernel_dtype(tensors, autocast) in KERNEL_DTYPES
+    if ok and not x.is_cuda and os.environ.get('TRITON_INTERPRET', '0') == '1' and \
+            kernel_dtype(tensors, autocast) == torch.bfloat16:
         ok = False      # the interpreter's bf16 arithmetic and tl.dot are wrong (~1e9 off): reference, with the warning
     return backend.choose(op, x, has_triton=ok) == 'triton'
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for x's device, None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _autocast_eligible(t: torch.Tensor) -> bool:
+    """Autocast casts floating tensors except fp64 (``cached_cast``'s rule)."""
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def kernel_dtype(tensors, autocast: bool = True) -> torch.dtype | None:
+    """The one dtype a kernel sees for these tensors (None entries skipped): with ``autocast``, under autocast,
+    the autocast dtype (each eligible tensor cast to it, as autocast casts a convolution's input, weight and
+    bias), else their own; None when they still differ or lie on different devices."""
+    x = tensors[0]
+    low = _autocast_dtype(x) if autocast else None
+    device, dtype = x.device, None
+    for t in tensors:
+        if t is None:
+            continue
+        dt = low if low is not None and _autocast_eligible(t) else t.dtype
+        if dtype is None:
+            dtype = dt
+        elif dt != dtype or t.device != device:
+            return None
+    return dtype
+
+
+def autocast_inputs(*tensors):
+    """An op's tensors as its kernel takes them under autocast: each eligible tensor in the autocast dtype, as
+    autocast casts the inputs and weights of the convolutions and linears these kernels replace (fp32 sums and
+    norms stay inside the kernels). The casts are differentiable: gradients come back in each tensor's own dtype
+    (fp32 master weights get fp32 grads). Lists are cast element-wise; None, non-tensors and everything outside
+    autocast pass unchanged (a cast to a tensor's own dtype is free)."""
+    first = next(t for t in tensors if isinstance(t, torch.Tensor) or (isinstance(t, list) and t))
+    low = _autocast_dtype(first[0] if isinstance(first, list) else first)
+    if low is None:
+        return tensors
+
+    def cast(t):
+        if isinstance(t, list):
+            return [cast(u) for u in t]
+        return t.to(low) if isinstance(t, torch.Tensor) and _autocast_eligible(t) else t
+
+    return tuple(cast(t) for t in tensors)
 
 
 def differentiable_backward(ref, inputs: tuple, grad_outputs) -> tuple:
@@ -84,6 +134,106 @@ def differentiable_backward(ref, inputs: tuple, grad_outputs) -> tuple:
         return [g if g is not None else torch.zeros_like(t) for t, g in zip(ts, map(take, ts))]
 
     return tuple(take_all(arg) if isinstance(arg, (list, tuple)) else take(arg) for arg in inputs)
+
+
+# ------------------------------------------------------------------------------------------ the eager path
+# A torch.library custom op costs ~20 us of host time per call in eager mode (measured on this CPU: 21 us without
+# grad, 29 us with, against 3 / 8 us for an autograd.Function around the same launcher; the kernels themselves
+# at the coarse levels take about as long on a GPU). So in eager mode an op runs its launchers through one
+# autograd.Function with the custom op's own setup_context and backward; the custom op (fake impl, opcheck)
+# stays the path for torch.compile, export and every tensor subclass or mode (FakeTensor, DTensor, tracing),
+# which the launchers cannot take.
+
+_EAGER: dict = {}
+EAGER = True        # tests and benchmarks turn it off to run the custom ops in eager mode too
+
+
+def register_eager(op, forward, setup_context, backward) -> None:
+    """Give custom op ``op`` its eager path: ``forward`` (the launcher the op calls), and the ``setup_context`` /
+    ``backward`` it registered with ``register_autograd``. ``backward`` asks :func:`eager_or_op` which backward
+    to call, so the eager path's backward skips the backward custom op too."""
+    _EAGER[op] = (forward, setup_context, backward)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(flat) -> bool:
+    """No tensor subclass among the (flattened) arguments: a subclass's own dispatch needs the custom op."""
+    return all(type(t) in _PLAIN or not isinstance(t, torch.Tensor) for t in flat)
+
+
+_is_compiling = torch.compiler.is_compiling
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+
+
+def launch(op, *args):
+    """Run kernel op ``op`` on ``args`` (its custom op's arguments): through its eager autograd.Function when
+    nothing traces the call and every tensor is a plain tensor, else through the custom op."""
+    if EAGER and not _is_compiling() and not _function_mode_enabled() and not _dispatch_stack_len():
+        if any(type(a) is list for a in args):
+            lengths = tuple(len(a) if type(a) is list else -1 for a in args)
+            flat = [t for a in args for t in (a if type(a) is list else (a,))]
+        else:
+            lengths, flat = None, args
+        if _plain(flat):
+            spec = _EAGER[op]
+            if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)):
+                return spec[0](*args)           # nothing to differentiate: the launcher alone
+            return _EagerOp.apply(*flat, (spec, lengths))
+    return op(*args)
+
+
+def eager_or_op(ctx, eager_impl, op):
+    """In a backward registered for a custom op: its launcher ``eager_impl`` when the eager path ran the
+    forward, the backward custom op ``op`` otherwise (what torch.compile traces)."""
+    return eager_impl if getattr(ctx, 'eager', False) else op
+
+
+def _unflatten(flat, lengths) -> list:
+    args, i = [], 0
+    for n in lengths:
+        if n < 0:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return args
+
+
+class _EagerOp(torch.autograd.Function):
+    """One custom op's forward and backward without the custom-op dispatch (see :func:`launch`). List arguments
+    travel flattened (autograd.Function only tracks top-level tensors); ``ctx.needs_input_grad`` is given back
+    per custom-op argument (any element of a list) so setup_context and backward read it as the custom op's."""
+
+    @staticmethod
+    def forward(ctx, *flat_and_spec):
+        *flat, ((forward, setup_context, backward), lengths) = flat_and_spec
+        if lengths is None:         # no list arguments: the custom op's arguments as they are
+            args = flat
+        else:
+            args = _unflatten(flat, lengths)
+            needs = _unflatten(ctx.needs_input_grad[:-1], lengths)
+            ctx.needs_input_grad = tuple(any(n) if isinstance(n, list) else n for n in needs) + (False,)
+        ctx.eager, ctx.eager_backward, ctx.eager_lengths = True, backward, lengths
+        out = forward(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        structured = ctx.eager_backward(ctx, *grads)
+        if ctx.eager_lengths is None:
+            return (*structured, None)
+        flat = []
+        for g, n in zip(structured, ctx.eager_lengths):
+            if n < 0:
+                flat.append(g)
+            else:
+                flat.extend(g if g is not None else [None] * n)
+        return (*flat, None)
 
 
 def grid_1d(n_programs: int) -> tuple[int]:
@@ -140,10 +290,37 @@ def zeros32(*shape, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
-def dot_precision(x: torch.Tensor) -> str:
-    """``tl.dot``'s input precision for fp32 operands. The kernels replace cuDNN convolutions (upstream's conv1d),
-    so they follow the switch cuDNN follows, ``torch.backends.cudnn.allow_tf32`` (on by default): TF32 where
-    cuDNN would use it, exact fp32 otherwise and always on the CPU interpreter. fp16/bf16 ignore it."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
-        return 'tf32'
+def deterministic() -> bool:
+    """``torch.use_deterministic_algorithms(True)`` is in force: launchers whose reductions add with atomics (in
+    whatever order programs finish, so fp32 rounding changes run to run) take a variant whose per-program
+    partials the host sums in a fixed order instead."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def dot_precision(x: torch.Tensor, flag: str = 'conv') -> str:
+    """``tl.dot``'s input precision for fp32 operands, as PyTorch sets it for the op the kernel replaces:
+    ``flag='conv'`` (upstream's Conv1d layers: cuDNN's convolution setting, TF32 by default) or ``'matmul'`` (its
+    Linear layers and attention: the cuBLAS matmul setting, full fp32 by default, TF32 after
+    ``torch.set_float32_matmul_precision('high')``). Exact fp32 ('ieee') otherwise, always on the CPU interpreter;
+    fp16/bf16 ignore it."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return 'ieee'
+    return 'ieee' if _fp32_precision(flag) == 'ieee' else 'tf32'
+
+
+def _fp32_precision(flag: str) -> str:
+    """The fp32 precision in force for cuDNN convolutions (``'conv'``) or cuBLAS matmuls (``'matmul'``): the
+    ``fp32_precision`` setting of the op, else of its parents ('none' inherits), else 'ieee'. Read through that
+    API where torch has it: the legacy ``allow_tf32`` flags raise once a user has mixed the two APIs."""
+    b = torch.backends
+    if flag not in ('conv', 'matmul'):
+        raise ValueError(f"dot_precision: expected flag 'conv' or 'matmul', got {flag!r}")
+    chain = (b.cudnn.conv, b.cudnn, b) if flag == 'conv' else (b.cuda.matmul, b)
+    if not hasattr(chain[0], 'fp32_precision'):         # torch without the fp32_precision API
+        legacy = b.cudnn.allow_tf32 if flag == 'conv' else b.cuda.matmul.allow_tf32
+        return 'tf32' if legacy else 'ieee'
+    for node in chain:
+        value = getattr(node, 'fp32_precision', 'none')
+        if value != 'none':
+            return value
     return 'ieee'

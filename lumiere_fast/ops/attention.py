@@ -53,6 +53,8 @@ backward op, so ``torch.compile`` sees them as single nodes. Current state:
 
 from __future__ import annotations
 
+from functools import cache
+
 from math import sqrt
 from typing import Sequence
 
@@ -61,8 +63,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
-                      new_output, pow2, target_programs, use_triton)
+from ._triton import (NAMESPACE, autocast_inputs, cdiv, device_guard, differentiable_backward, dot_block,
+                      dot_precision, eager_or_op, grid_1d, launch, new_output, pow2, register_eager, target_programs,
+                      use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .mp_math import mp_add, mp_add_coeffs, pixel_norm
 from .temporal_conv1d import conv_weight_grad
@@ -247,6 +250,7 @@ def temporal_attention_block_ref(x: Tensor, layers: Sequence[tuple], proj_weight
 # (temporal_conv1d's weight-grad kernel with one tap), the RMSNorm backward kernel and per-channel partial sums.
 
 
+@cache
 def _kernels():
     from ..kernels import attention as k
     return k
@@ -263,15 +267,15 @@ def _linear_mp_add(kern, inp: Tensor, w: Tensor, res: Tensor | None, gain: Tenso
     kern._attention_linear_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(co, m['BLOCK_CO']))](
         inp, *inp.stride(), w, w.stride(0), w.stride(1), r, *r.stride(), out,
         gain if gain is not None else out, bias if bias is not None else out, c_out, c_res, n, ci, co, p, width,
-        HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res is not None, PREC=dot_precision(inp),
-        BLOCK_CI=dot_block(ci, 32))
+        HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res is not None,
+        PREC=dot_precision(inp, 'matmul'), BLOCK_CI=dot_block(ci, 32))
     return out
 
 
 def _weight_grad(a: Tensor, b: Tensor) -> Tensor:
     """fp32 [ca, cb] = sum over frames and pixels of a (x) b (both (b t) c H W, any strides): a 1x1 projection's
     weight grad, temporal_conv1d's weight-grad kernel with one tap."""
-    return conv_weight_grad(a, b, 1, 1, with_bias=False)[0].view(a.shape[1], b.shape[1])
+    return conv_weight_grad(a, b, 1, 1, with_bias=False, flag='matmul')[0].view(a.shape[1], b.shape[1])
 
 
 def _channel_sum(kern, a: Tensor, b: Tensor | None = None) -> Tensor:
@@ -341,8 +345,8 @@ def _core_meta(x: Tensor, mp: bool, has_g: bool, d: int, m: int, c: int, block_r
     # 8 warps: ptxas (sm_90, bf16) keeps the forward's [32, 64] .. [64, 64] / [32, 128] tiles and the backward's
     # [32, 64] tile free of spills at 8 warps, not at 4; 16 warps caps registers at 128/thread and spills more
     warps = 8 if bwd or block_r * block_d >= 32 * 64 else 4
-    return dict(MP=mp, HAS_G=has_g, HAS_MEM=m > 0, PREC=dot_precision(x), BLOCK_R=block_r, BLOCK_D=block_d,
-                BLOCK_CK=dot_block(c, 32), BLOCK_M=dot_block(m), num_warps=warps)
+    return dict(MP=mp, HAS_G=has_g, HAS_MEM=m > 0, PREC=dot_precision(x, 'matmul'), BLOCK_R=block_r,
+                BLOCK_D=block_d, BLOCK_CK=dot_block(c, 32), BLOCK_M=dot_block(m), num_warps=warps)
 
 
 def _core_scalars(c: int, d: int) -> tuple:
@@ -585,13 +589,15 @@ def _mp_autograd_backward(ctx, grad):
     if torch.is_grad_enabled():     # create_graph: through the reference
         return differentiable_backward(_mp_block_ref_from_lists, (x, qkv, outw, mem, proj_weight, gain, ctx.batch,
                                                                   ctx.heads, ctx.mp_add_t), grad)
-    g = _mp_temporal_attention_block_backward_op(grad, x, qkv, outw, mem, proj_weight, gain, ctx.batch, ctx.heads,
-                                                 ctx.mp_add_t)
+    backward = eager_or_op(ctx, _mp_temporal_attention_block_backward, _mp_temporal_attention_block_backward_op)
+    g = backward(grad, x, qkv, outw, mem, proj_weight, gain, ctx.batch, ctx.heads, ctx.mp_add_t)
     return (g[0], list(g[3:3 + depth]), list(g[3 + depth:3 + 2 * depth]), list(g[3 + 2 * depth:]), g[1], g[2],
             None, None, None)
 
 
 _mp_temporal_attention_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
+register_eager(_mp_temporal_attention_block_op, _mp_temporal_attention_block_forward, _mp_setup_context,
+               _mp_autograd_backward)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_attention_block', mutates_args=())
@@ -639,13 +645,15 @@ def _block_autograd_backward(ctx, grad):
     if torch.is_grad_enabled():     # create_graph: through the reference
         return differentiable_backward(_block_ref_from_lists, (x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads,
                                                                ctx.prenorm, ctx.residual_attn), grad)
-    g = _temporal_attention_block_backward_op(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads,
-                                              ctx.prenorm, ctx.residual_attn)
+    backward = eager_or_op(ctx, _temporal_attention_block_backward, _temporal_attention_block_backward_op)
+    g = backward(grad, x, gs, wqs, wks, wvs, wos, pw, pb, ctx.batch, ctx.heads, ctx.prenorm, ctx.residual_attn)
     lists = [list(g[3 + i * depth:3 + (i + 1) * depth]) for i in range(5)]
     return (g[0], *lists, g[1], g[2], None, None, None, None)
 
 
 _temporal_attention_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+register_eager(_temporal_attention_block_op, _temporal_attention_block_forward, _block_setup_context,
+               _block_autograd_backward)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -680,7 +688,8 @@ def mp_temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight:
                  and _mp_layer_shapes_ok(x.shape[1], heads, layers) and gain.numel() == 1)
     if use_triton('mp_temporal_attention_block', x, proj_weight, gain, *flat, supported=supported):
         qkv, out, mem = (list(ws) for ws in zip(*layers))
-        return _mp_temporal_attention_block_op(x, qkv, out, mem, proj_weight, gain, batch, heads, mp_add_t)
+        return launch(_mp_temporal_attention_block_op, *autocast_inputs(x, qkv, out, mem, proj_weight, gain), batch,
+                      heads, mp_add_t)
     return mp_temporal_attention_block_ref(x, layers, proj_weight, gain, batch, heads, mp_add_t, dropout, training)
 
 
@@ -700,7 +709,7 @@ def temporal_attention_block(x: Tensor, layers: Sequence[tuple], proj_weight: Te
                for _, wq, _, _, wo in layers]
         wq, wk, wv = (list(ws) for ws in list(zip(*layers))[1:4])
         bias = proj_bias if proj_bias is not None else x.new_zeros(c)
-        return _temporal_attention_block_op(x, gs, wq, wk, wv, wos, proj_weight, bias, batch, heads,
-                                            layers[0][0] is not None, residual_attn)
+        return launch(_temporal_attention_block_op, *autocast_inputs(x, gs, wq, wk, wv, wos, proj_weight, bias),
+                      batch, heads, layers[0][0] is not None, residual_attn)
     return temporal_attention_block_ref(x, layers, proj_weight, proj_bias, batch, heads, dropout, training,
                                         residual_attn)

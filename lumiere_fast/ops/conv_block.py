@@ -23,14 +23,16 @@ torch.library; forward and backward of every input and parameter are Triton kern
 
 from __future__ import annotations
 
+from functools import cache
+
 from math import sqrt
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
-                      new_output, use_triton, zeros32)
+from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_guard, differentiable_backward, dot_block,
+                      dot_precision, eager_or_op, grid_1d, launch, new_output, register_eager, use_triton, zeros32)
 from .layout import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
 from .mp_math import MP_SILU_DIVISOR, mp_add, mp_add_coeffs, mp_silu
 from .temporal_conv1d import conv_frames, conv_weight_grad, flipped_weight
@@ -94,6 +96,7 @@ def temporal_conv_block_ref(h: Tensor, residual: Tensor, conv_weight: Tensor, co
 _NORM_EPS = 1e-12   # F.normalize's default eps (the non-MP time norm)
 
 
+@cache
 def _kernels():
     from ..kernels import conv_block as k
     return k
@@ -126,8 +129,9 @@ def _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain,
 
 
 def _bwd_blocks(kern, c: int) -> tuple[bool, int, int]:
-    """(fused, BLOCK_C, BLOCK_CI) of the backward kernels: all channels per program up to BWD_FUSE_MAX_C."""
-    if c <= kern.BWD_FUSE_MAX_C:
+    """(fused, BLOCK_C, BLOCK_CI) of the backward kernels: all channels per program up to BWD_FUSE_MAX_C. Never
+    fused in deterministic mode: the fused grad proj flushes with atomics, the split one is a fixed-order sum."""
+    if c <= kern.BWD_FUSE_MAX_C and not deterministic():
         return (True, *_blocks(c))
     return False, kern.SPLIT_BLOCK_C, _blocks(c)[1]
 
@@ -187,10 +191,15 @@ def _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_w
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
     d_res, dy, d_h = new_output(h.shape, h), new_output(h.shape, h), new_output(h.shape, h)
-    d_proj, d_proj_bias, d_gamma = zeros32(c, c, like=h), zeros32(c, like=h), zeros32(c, like=h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
     act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = cdiv(c, block_c)
+    exact_order = deterministic()
+    # per-program partials of grad proj bias / gamma in deterministic mode, one row per program at the
+    # narrowest pixel tile (rows of programs a wider tile does not launch stay zero)
+    rows = batch * cdiv(p, kern.MIN_BLOCK_P) * n_ct if exact_order else 1
+    d_proj = zeros32(c, c, like=h)
+    d_proj_bias, d_gamma = zeros32(rows, c, like=h), zeros32(rows, c, like=h)
     with device_guard(h):
         # d_h doubles as the kernel's y scratch until the grad_h conv overwrites it
         kern._conv_block_backward_kernel[lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * n_ct)](
@@ -198,7 +207,8 @@ def _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_w
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             d_proj, d_proj_bias, d_gamma, sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
-            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+            FUSE_PROJ=fuse, PREC=dot_precision(h), DETERMINISTIC=exact_order, BLOCK_C=block_c, BLOCK_CI=block_ci)
+        d_proj_bias, d_gamma = d_proj_bias.sum(0), d_gamma.sum(0)
         if not fuse:
             d_proj = conv_weight_grad(grad, act, frames, 1, with_bias=False)[0]
         d_conv, d_conv_bias = conv_weight_grad(dy, h, frames, k, with_bias=True)
@@ -247,11 +257,13 @@ def _mp_autograd_backward(ctx, grad):
         residual = torch.zeros_like(h).requires_grad_(ctx.needs_input_grad[1])
         return differentiable_backward(mp_temporal_conv_block_ref, (h, residual, conv_weight, proj_weight, gain,
                                                                     ctx.batch, ctx.mp_add_t), grad)
-    grads = _mp_temporal_conv_block_backward_op(grad, h, conv_weight, proj_weight, gain, ctx.batch, ctx.mp_add_t)
+    backward = eager_or_op(ctx, _mp_temporal_conv_block_backward, _mp_temporal_conv_block_backward_op)
+    grads = backward(grad, h, conv_weight, proj_weight, gain, ctx.batch, ctx.mp_add_t)
     return (*grads, None, None)
 
 
 _mp_temporal_conv_block_op.register_autograd(_mp_autograd_backward, setup_context=_mp_setup_context)
+register_eager(_mp_temporal_conv_block_op, _mp_temporal_conv_block_forward, _mp_setup_context, _mp_autograd_backward)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::temporal_conv_block', mutates_args=())
@@ -291,35 +303,32 @@ def _block_autograd_backward(ctx, grad):
         proj_bias = h.new_zeros(h.shape[1], dtype=proj_weight.dtype).requires_grad_(ctx.needs_input_grad[6])
         return differentiable_backward(temporal_conv_block_ref, (h, residual, conv_weight, conv_bias, gamma,
                                                                  proj_weight, proj_bias, ctx.batch), grad)
-    d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias = _temporal_conv_block_backward_op(
+    backward = eager_or_op(ctx, _temporal_conv_block_backward, _temporal_conv_block_backward_op)
+    d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias = backward(
         grad, h, conv_weight, conv_bias, gamma, proj_weight, ctx.batch)
     return d_h, d_res, d_conv, d_conv_bias, d_gamma, d_proj, d_proj_bias, None
 
 
 _temporal_conv_block_op.register_autograd(_block_autograd_backward, setup_context=_block_setup_context)
+register_eager(_temporal_conv_block_op, _temporal_conv_block_forward, _block_setup_context, _block_autograd_backward)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
-
-
-def _kernel_supported(*tensors: Tensor) -> bool:
-    """The kernels take one floating dtype for every tensor and a non-empty h."""
-    return tensors[0].numel() > 0 and all(t.dtype == tensors[0].dtype for t in tensors)
 
 
 def mp_temporal_conv_block(h: Tensor, residual: Tensor, conv_weight: Tensor, proj_weight: Tensor, gain: Tensor, *,
                            batch: int, mp_add_t: float = 0.3, dropout: float = 0., training: bool = False) -> Tensor:
     """(b t) c H W -> (b t) c H W; see the module docstring.
 
-    Triton path: forward and backward (every input and parameter) are Triton kernels. Not taken (reference
-    instead) for dropout > 0 in training (the kernels have no RNG), mixed dtypes, a gain with more than one
-    element, or an empty input.
+    Triton path: forward and backward (every input and parameter) are Triton kernels, in the autocast dtype
+    under autocast (``autocast_inputs``). Not taken (reference instead) for dropout > 0 in training (the kernels
+    have no RNG), mixed dtypes outside autocast, a gain with more than one element, or an empty input.
     """
     _check('mp_temporal_conv_block', h, residual, conv_weight, proj_weight, batch)
-    supported = (not (training and dropout > 0) and gain.numel() == 1
-                 and _kernel_supported(h, residual, conv_weight, proj_weight, gain))
+    supported = not (training and dropout > 0) and gain.numel() == 1 and h.numel() > 0
     if use_triton('mp_temporal_conv_block', h, residual, conv_weight, proj_weight, gain, supported=supported):
-        return _mp_temporal_conv_block_op(h, residual, conv_weight, proj_weight, gain, batch, float(mp_add_t))
+        return launch(_mp_temporal_conv_block_op, *autocast_inputs(h, residual, conv_weight, proj_weight, gain), batch,
+                                          float(mp_add_t))
     return mp_temporal_conv_block_ref(h, residual, conv_weight, proj_weight, gain, batch, mp_add_t, dropout, training)
 
 
@@ -327,12 +336,12 @@ def temporal_conv_block(h: Tensor, residual: Tensor, conv_weight: Tensor, conv_b
                         proj_weight: Tensor, proj_bias: Tensor, *, batch: int) -> Tensor:
     """(b t) c H W -> (b t) c H W; see the module docstring.
 
-    Triton path: forward and backward (every input and parameter) are Triton kernels. Not taken (reference
-    instead) for mixed dtypes or an empty input.
+    Triton path: forward and backward (every input and parameter) are Triton kernels, in the autocast dtype
+    under autocast (``autocast_inputs``). Not taken (reference instead) for mixed dtypes outside autocast or an
+    empty input.
     """
     _check('temporal_conv_block', h, residual, conv_weight, proj_weight, batch)
-    supported = _kernel_supported(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias)
-    if use_triton('temporal_conv_block', h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias,
-                  supported=supported):
-        return _temporal_conv_block_op(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)
+    tensors = (h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias)
+    if use_triton('temporal_conv_block', *tensors, supported=h.numel() > 0):
+        return launch(_temporal_conv_block_op, *autocast_inputs(*tensors), batch)
     return temporal_conv_block_ref(h, residual, conv_weight, conv_bias, gamma, proj_weight, proj_bias, batch)

@@ -12,11 +12,13 @@ has a ``..._backward`` op of its own.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._triton import NAMESPACE, cdiv, device_guard, grid_1d, new_output, use_triton
+from ._triton import NAMESPACE, cdiv, device_guard, grid_1d, launch, new_output, register_eager, use_triton
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
@@ -58,6 +60,7 @@ def unfold_frames_ref(x: Tensor, batch: int, height: int, width: int, layout: st
 # ------------------------------------------------------------------------------------------ Triton launchers
 
 
+@cache
 def _kernels():
     from ..kernels import fold as k
     return k
@@ -150,7 +153,7 @@ def _fold_setup(ctx, inputs, output):
 
 def _fold_backward(ctx, grad):
     # the backward of a pure permutation is its inverse: unfold, through the op so double backward works too
-    return _unfold_frames_op(grad, ctx.batch, *ctx.hw, ctx.layout), None, None
+    return launch(_unfold_frames_op, grad, ctx.batch, *ctx.hw, ctx.layout), None, None
 
 
 def _unfold_setup(ctx, inputs, output):
@@ -159,11 +162,13 @@ def _unfold_setup(ctx, inputs, output):
 
 
 def _unfold_backward(ctx, grad):
-    return _fold_frames_op(grad, ctx.batch, ctx.layout), None, None, None, None
+    return launch(_fold_frames_op, grad, ctx.batch, ctx.layout), None, None, None, None
 
 
 _fold_frames_op.register_autograd(_fold_backward, setup_context=_fold_setup)
 _unfold_frames_op.register_autograd(_unfold_backward, setup_context=_unfold_setup)
+register_eager(_fold_frames_op, _fold_frames_forward, _fold_setup, _fold_backward)
+register_eager(_unfold_frames_op, _unfold_frames_forward, _unfold_setup, _unfold_backward)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -173,7 +178,7 @@ def fold_frames(x: Tensor, batch: int, layout: str = 'c t') -> Tensor:
     """(b t) c h w -> (b h w) c t  (or (b h w) t c)."""
     _check_fold(x, batch, layout)
     if use_triton('fold_frames', x):
-        return _fold_frames_op(x, batch, layout)
+        return launch(_fold_frames_op, x, batch, layout)
     return fold_frames_ref(x, batch, layout)
 
 
@@ -181,5 +186,5 @@ def unfold_frames(x: Tensor, batch: int, height: int, width: int, layout: str = 
     """(b h w) c t -> (b t) c h w  (or from (b h w) t c)."""
     _check_unfold(x, batch, height, width, layout)
     if use_triton('unfold_frames', x):
-        return _unfold_frames_op(x, batch, height, width, layout)
+        return launch(_unfold_frames_op, x, batch, height, width, layout)
     return unfold_frames_ref(x, batch, height, width, layout)

@@ -17,13 +17,16 @@ the backward (it never does inside Lumiere: the embedding is frozen).
 
 from __future__ import annotations
 
+from functools import cache
+
 from math import sqrt
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import KERNEL_DTYPES, NAMESPACE, device_guard, differentiable_backward, grid_1d, new_output, use_triton
+from ._triton import (NAMESPACE, device_guard, differentiable_backward, eager_or_op, grid_1d, launch, new_output,
+                      register_eager, use_triton)
 
 PIXEL_NORM_EPS = 1e-4      # upstream's PixelNorm default (the paper's high epsilon)
 
@@ -91,6 +94,7 @@ def mp_cat_ref(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
 # Kernels take contiguous b c (h w) tensors (what the convs around them produce), so a channel step is P = h*w
 # elements and the pixel axis is the contiguous one: every load is a run of BLOCK_P pixels.
 
+@cache
 def _kernels():
     from ..kernels import karras as k
     return k
@@ -200,10 +204,12 @@ def _pixel_norm_silu_autograd(ctx, grad_y, grad_s, _grad_norm):
     x, norm = ctx.saved_tensors
     if torch.is_grad_enabled():     # create_graph: through the reference
         return differentiable_backward(pixel_norm_silu_ref, (x, ctx.eps), (grad_y, grad_s))
-    return _pixel_norm_silu_backward_op(grad_y, grad_s, x, norm, ctx.eps), None
+    backward = eager_or_op(ctx, _pixel_norm_silu_backward, _pixel_norm_silu_backward_op)
+    return backward(grad_y, grad_s, x, norm, ctx.eps), None
 
 
 _pixel_norm_silu_op.register_autograd(_pixel_norm_silu_autograd, setup_context=_pixel_norm_silu_setup)
+register_eager(_pixel_norm_silu_op, _pixel_norm_silu_forward, _pixel_norm_silu_setup, _pixel_norm_silu_autograd)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::scale_silu', mutates_args=())
@@ -234,7 +240,8 @@ def _scale_silu_autograd(ctx, grad):
     x, scale = ctx.saved_tensors
     if torch.is_grad_enabled():     # create_graph: through the reference
         return differentiable_backward(scale_silu_ref, (x, scale), grad)
-    dx = _scale_silu_backward_op(grad, x, scale) if ctx.needs_input_grad[0] else None
+    backward = eager_or_op(ctx, _scale_silu_backward, _scale_silu_backward_op)
+    dx = backward(grad, x, scale) if ctx.needs_input_grad[0] else None
     dscale = None
     if ctx.needs_input_grad[1]:     # never inside Lumiere (frozen embedding): a PyTorch reduction is enough
         z = x * scale[:, :, None, None]
@@ -244,6 +251,7 @@ def _scale_silu_autograd(ctx, grad):
 
 
 _scale_silu_op.register_autograd(_scale_silu_autograd, setup_context=_scale_silu_setup)
+register_eager(_scale_silu_op, _scale_silu_forward, _scale_silu_setup, _scale_silu_autograd)
 
 
 @torch.library.custom_op(f'{NAMESPACE}::mp_cat', mutates_args=())
@@ -268,21 +276,26 @@ def _mp_cat_autograd(ctx, grad):
 
 
 _mp_cat_op.register_autograd(_mp_cat_autograd, setup_context=_mp_cat_setup)
+register_eager(_mp_cat_op, _mp_cat_forward, _mp_cat_setup, _mp_cat_autograd)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
 
-def _kernel_ok(*tensors: Tensor) -> bool:
-    x = tensors[0]
-    return x.numel() > 0 and x.dtype in KERNEL_DTYPES and all(t.dtype == x.dtype for t in tensors)
+def _promoted(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in their promoted dtype, the dtype the reference's elementwise ops compute in (autocast casts
+    none of them): a mixed fp32 / bf16 pair (an autocast conv's output beside an fp32 skip) takes the kernel."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def pixel_norm_silu(x: Tensor, eps: float = PIXEL_NORM_EPS) -> tuple[Tensor, Tensor]:
     """b c h w -> (y, silu(y)): upstream's ``PixelNorm(dim=1)`` and the SiLU of block1 in one pass (the MP-SiLU
     divisor is folded into the next conv's weight by the module)."""
     _check_images('pixel_norm_silu', x)
-    if use_triton('pixel_norm_silu', x, supported=_kernel_ok(x)):
-        y, s, _ = _pixel_norm_silu_op(x, float(eps))
+    if use_triton('pixel_norm_silu', x, supported=x.numel() > 0, autocast=False):
+        y, s, _ = launch(_pixel_norm_silu_op, x, float(eps))
         return y, s
     return pixel_norm_silu_ref(x, eps)
 
@@ -291,14 +304,16 @@ def scale_silu(x: Tensor, scale: Tensor) -> Tensor:
     """b c h w, (b, c) -> b c h w: the embedding modulation ``x * scale`` and block2's SiLU in one pass."""
     _check_images('scale_silu', x)
     _check_scale(x, scale)
-    if use_triton('scale_silu', x, scale, supported=_kernel_ok(x, scale)):
-        return _scale_silu_op(x, scale)
+    xs, ss = _promoted(x, scale)
+    if use_triton('scale_silu', xs, ss, supported=x.numel() > 0, autocast=False):
+        return launch(_scale_silu_op, xs, ss)
     return scale_silu_ref(x, scale)
 
 
 def mp_cat(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
     """b ca h w, b cb h w -> b (ca + cb) h w: upstream's ``MPCat(t, dim=1)``, written once."""
     _check_cat(a, b)
-    if use_triton('mp_cat', a, b, supported=_kernel_ok(a, b)):
-        return _mp_cat_op(a, b, float(t))
+    pa, pb = _promoted(a, b)
+    if use_triton('mp_cat', pa, pb, supported=a.numel() > 0, autocast=False):
+        return launch(_mp_cat_op, pa, pb, float(t))
     return mp_cat_ref(a, b, t)

@@ -17,14 +17,16 @@ whose splits are summed in fp32 afterwards; each is computed only when autograd 
 
 from __future__ import annotations
 
+from functools import cache
+
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_precision, grid_1d, new_output,
-                      target_programs, use_triton)
+from ._triton import (NAMESPACE, autocast_inputs, cdiv, device_guard, differentiable_backward, dot_precision,
+                      eager_or_op, grid_1d, launch, new_output, register_eager, target_programs, use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .layout import frames_as_time_major, time_major_as_frames
 
@@ -75,6 +77,7 @@ def mp_temporal_upsample_ref(x: Tensor, weight: Tensor, batch: int) -> Tensor:
 # ------------------------------------------------------------------------------------------ Triton launchers
 
 
+@cache
 def _kernels():
     from ..kernels import resample as k
     return k
@@ -282,28 +285,29 @@ def _autograd_backward(ctx, grad):
         bias = weight.new_zeros(weight.shape[1 if ctx.mode == 'up' else 0]).requires_grad_(need_b) \
             if ctx.has_bias else None
         return differentiable_backward(_resample_ref, (x, weight, bias, ctx.batch, ctx.mode), grad)
-    gx, gw, gb = _temporal_resample_backward_op(grad, x, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch,
-                                                ctx.has_bias, need_x, need_w or need_b)
+    backward = eager_or_op(ctx, _temporal_resample_backward, _temporal_resample_backward_op)
+    gx, gw, gb = backward(grad, x, weight, ctx.batch, ctx.mode, ctx.x_shape[0] // ctx.batch, ctx.has_bias, need_x,
+                          need_w or need_b)
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None)
 
 
 _temporal_resample_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_eager(_temporal_resample_op, _temporal_resample_forward, _setup_context, _autograd_backward)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
 
 
 def _supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """The kernel handles 3-tap weights of x's dtype and a (c,) bias; anything else takes the reference."""
+    """The kernel handles 3-tap weights and a (c,) bias (of x's dtype, or all cast under autocast: see
+    ``use_triton``); anything else takes the reference."""
     c = x.shape[1]
-    return (weight.shape[-1] == 3 and weight.dtype == x.dtype and x.numel() > 0
-            and (bias is None or (tuple(bias.shape) == (c,) and bias.dtype == x.dtype)))
+    return weight.shape[-1] == 3 and x.numel() > 0 and (bias is None or tuple(bias.shape) == (c,))
 
 
 def _dispatch(name: str, mode: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], batch: int, ref):
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if use_triton(name, *tensors, supported=_supported(x, weight, bias)):
-        return _temporal_resample_op(x, weight, bias, batch, mode)
+    if use_triton(name, x, weight, bias, supported=_supported(x, weight, bias)):
+        return launch(_temporal_resample_op, *autocast_inputs(x, weight, bias), batch, mode)
     return ref()
 
 

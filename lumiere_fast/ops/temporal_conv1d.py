@@ -32,13 +32,16 @@ weight grads from them, attention its 1x1 projections' weight grads.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
-from ._triton import (NAMESPACE, cdiv, device_guard, differentiable_backward, dot_block, dot_precision, grid_1d,
-                      new_output, target_programs, use_triton, zeros32)
+from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_guard, differentiable_backward,
+                      dot_block, dot_precision, eager_or_op, grid_1d, launch, new_output, register_eager,
+                      target_programs, use_triton, zeros32)
 from .extension import cpu_native_wins, native_supported, native_temporal_conv1d
 from .layout import frames_as_time_major, time_major_as_frames
 
@@ -87,6 +90,7 @@ def temporal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, b
 # ------------------------------------------------------------------------------------------ Triton launchers
 
 
+@cache
 def _kernels():
     from ..kernels import temporal_conv1d as k
     return k
@@ -115,22 +119,32 @@ def conv_frames(x: Tensor, w: Tensor, out: Tensor, frames: int, epilogue: str = 
     return out
 
 
-def conv_weight_grad(dy: Tensor, x: Tensor, frames: int, taps: int, with_bias: bool):
+def conv_weight_grad(dy: Tensor, x: Tensor, frames: int, taps: int, with_bias: bool, flag: str = 'conv'):
     """(dw (c_out, c_in, taps), db (c_out,) or None) in fp32: the sum over frames and pixels of dy (x) x at each
     tap, dy (b t) c_out H W and x (b t) c_in H W (any strides). taps = 1: a 1x1 projection's weight grad (dy (x) x
-    per pixel). The caller holds the device guard."""
+    per pixel). ``flag``: the precision setting its fp32 dots follow (``dot_precision``; 'matmul' for a Linear's
+    weight grad). The caller holds the device guard."""
     k = _kernels()
     n, c_o, _, width = dy.shape
     c_i, p = x.shape[1], x.shape[-2] * x.shape[-1]
     b_co, b_ci, b_p = k.WGRAD_BLOCKS
-    dw = zeros32(c_o, c_i, taps, like=x)
-    db = zeros32(c_o, like=x) if with_bias else dw
     tiles = taps * cdiv(c_o, b_co) * cdiv(c_i, b_ci)
     rows = n * cdiv(p, b_p)
     rows_per_prog = cdiv(rows, max(1, min(rows, target_programs(x) // tiles)))
-    k._temporal_conv1d_weight_grad_kernel[grid_1d(cdiv(rows, rows_per_prog) * tiles)](
+    splits = cdiv(rows, rows_per_prog)
+    exact_order = deterministic()
+    if exact_order:     # one fp32 partial per split, summed below in a fixed order (a few MiB at most)
+        dw = new_output((splits, c_o, c_i, taps), x, torch.float32)
+        db = new_output((splits, c_o), x, torch.float32) if with_bias else dw
+    else:
+        dw = zeros32(c_o, c_i, taps, like=x)
+        db = zeros32(c_o, like=x) if with_bias else dw
+    k._temporal_conv1d_weight_grad_kernel[grid_1d(splits * tiles)](
         dy, *dy.stride(), x, *x.stride(), dw, db, n, frames, c_o, c_i, p, width, taps, taps // 2, rows_per_prog,
-        HAS_BIAS=with_bias, PREC=dot_precision(x), BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=k.WGRAD_WARPS)
+        HAS_BIAS=with_bias, PREC=dot_precision(x, flag), DETERMINISTIC=exact_order, BLOCK_CO=b_co, BLOCK_CI=b_ci,
+        BLOCK_P=b_p, num_warps=k.WGRAD_WARPS)
+    if exact_order:
+        dw, db = dw.sum(0), (db.sum(0) if with_bias else None)
     return dw, (db if with_bias else None)
 
 
@@ -185,11 +199,13 @@ def _autograd_backward(ctx, grad):
     if torch.is_grad_enabled():     # create_graph: through the reference (linear in the bias)
         bias = weight.new_zeros(weight.shape[0]).requires_grad_(ctx.needs_input_grad[2]) if ctx.has_bias else None
         return differentiable_backward(temporal_conv1d_ref, (x, weight, bias, ctx.batch), grad)
-    grad_x, grad_w, grad_b = _temporal_conv1d_backward_op(grad, x, weight, ctx.batch, ctx.has_bias)
+    backward = eager_or_op(ctx, _temporal_conv1d_backward, _temporal_conv1d_backward_op)
+    grad_x, grad_w, grad_b = backward(grad, x, weight, ctx.batch, ctx.has_bias)
     return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
 
 
 _temporal_conv1d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_eager(_temporal_conv1d_op, _temporal_conv1d_forward, _setup_context, _autograd_backward)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -213,11 +229,12 @@ def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ba
     """(n, c_in, t) -> (n, c_out, t), or (b t) c_in h w -> (b t) c_out h w with ``batch=b``; see the module
     docstring for which implementation runs."""
     _check(x, weight, bias, batch)
+    # autocast does not reach the custom ops: cast as it casts a convolution (the reference's F.conv1d/conv2d
+    # would do the same), so the native and Triton kernels run in the autocast dtype
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if _use_native(x, weight, bias):
         backend.record(OP, 'native')
         return native_temporal_conv1d(x, weight, bias, batch)
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    supported = x.ndim == 4 and x.numel() > 0 and all(t.dtype == x.dtype for t in tensors)
-    if use_triton(OP, *tensors, supported=supported):
-        return _temporal_conv1d_op(x, weight, bias, batch)
+    if use_triton(OP, x, weight, bias, supported=x.ndim == 4 and x.numel() > 0):
+        return launch(_temporal_conv1d_op, x, weight, bias, batch)
     return temporal_conv1d_ref(x, weight, bias, batch)
