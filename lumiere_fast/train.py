@@ -511,44 +511,6 @@ def mp_weight_layers(module: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, 'weight', None), Tensor) and hasattr(m, 'eps')]
 
 
-class ShardedRenormalisation:
-    """MP weight renormalisation that holds under FSDP2.
-
-    The MP layers write ``normalize_weight(w)`` into their stored weight at each train-mode forward. Under
-    ``fully_shard`` the module holds, during its forward, the all-gathered *unsharded* copy, which FSDP frees after
-    forward: the write is lost and the sharded parameter (the one AdamW updates) never gets renormalised. Rows are
-    what is normalised and FSDP2 shards dim 0, so every row lives whole on one rank: ``before_forward()`` renormalises
-    each rank's local shard in place (no communication), then the forward runs those layers with their
-    renormalisation switched off (what ``checkpoint_temporal`` does for its recomputation), which is then exactly one
-    renormalisation per step, as in one process."""
-
-    def __init__(self, module: nn.Module):
-        self.layers = mp_weight_layers(module)
-
-    @torch.no_grad()
-    def before_forward(self):
-        from . import ops
-        for m in self.layers:
-            w = m.weight
-            local = w.to_local() if hasattr(w, 'to_local') else w
-            if local.numel():
-                ops.renormalize_(local, m.eps)
-
-    def during_forward(self):
-        layers = self.layers
-
-        class _Ctx:
-            def __enter__(self):
-                self.modes = [m.training for m in layers]
-                for m in layers:
-                    m.training = False
-
-            def __exit__(self, *exc):
-                for m, mode in zip(layers, self.modes):
-                    m.training = mode
-        return _Ctx()
-
-
 def apply_fsdp(lumiere: nn.Module, info: DistInfo, shard_image_model: bool) -> list[nn.Parameter]:
     """FSDP2: one ``fully_shard`` group per temporal module, optionally one per image-model block, the root
     last. The frozen image model, when not sharded, is left out of FSDP (``ignored_params``): replicated.
@@ -854,10 +816,10 @@ def train(args) -> dict:
     torch.manual_seed(args.seed + 1)
     lumiere = build_lumiere(args, unet).to(info.device)
     set_train_mode(lumiere)
-    renorm, replicated = None, []
+    replicated = []
     if args.fsdp:
+        # (the MP layers renormalise the sharded weights themselves: modules/mp_layers._fsdp_sharded_weight)
         replicated = apply_fsdp(lumiere, info, args.fsdp_image_model)
-        renorm = ShardedRenormalisation(lumiere)
         net = lumiere
     elif info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -898,9 +860,7 @@ def train(args) -> dict:
         cond = _cond(batch['label'], args, info.device)
         for group in optim.param_groups:
             group['lr'] = _lr_at(step, args)
-        if renorm is not None:
-            renorm.before_forward()
-        with _autocast(info, args.precision), (renorm.during_forward() if renorm else nullcontext()):
+        with _autocast(info, args.precision):
             loss = edm.loss(net, clip, sigma, noise, **cond)
         optim.zero_grad(set_to_none=True)
         loss.backward()

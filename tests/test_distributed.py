@@ -9,7 +9,8 @@ denoising-diffusion-pytorch per rank, which dominates a tiny run on a loaded CPU
   process on the whole batch;
 * DCP: a checkpoint saved by 2 FSDP2 ranks resumes in one process and back on 2 ranks (the frozen image model
   sharded too), with the next-step loss of the single-process run;
-* the MP layers' in-place train-mode renormalisation is lost on an FSDP2-sharded weight (xfail: a library change).
+* the MP layers' in-place train-mode renormalisation reaches the FSDP2-sharded weight (each rank renormalises its
+  own rows of the shard: modules/mp_layers._fsdp_sharded_weight).
 
 """
 
@@ -232,10 +233,6 @@ def test_dcp_saved_on_2_ranks_resumes_on_1_and_back(workdir, reference_run, fsdp
                                                                           # model sharded too
 
 
-@pytest.mark.xfail(strict=True, reason='MP weight layers renormalise in place into the all-gathered copy that FSDP2 '
-                   'frees after forward: the sharded parameter is never renormalised (lumiere_fast.train works '
-                   'around it with ShardedRenormalisation); needs mp_layers.effective_weight to renormalise the '
-                   'sharded parameter (its local shard: rows are whole on a rank under Shard(0))')
 def test_mp_renormalisation_survives_fsdp2_sharding(workdir):
     fork_ranks(worker_renormalise, workdir)
     rows = torch.load(workdir / 'rows.pt')
