@@ -32,7 +32,8 @@
 #                  elements, the CUDA extension)
 #   e2e     120 s  the karras64 bf16 MPLumiere training step: ours vs upstream eager vs torch.compile(upstream)
 #   ops      60 s  each op once (fold, MP conv block, MP down/upsample, MP attention, conv1d) forward+backward
-#                  vs eager and torch.compile(upstream) (and the op's other baselines)
+#                  vs eager and torch.compile(upstream) (and the op's other baselines); the host time per call
+#                  of three ops (eager path vs custom op, bench_host_overhead)
 #   profile  25 s  profile_step.py: where the training step's time goes (skipped when too little time is left)
 #   results  15 s  make_results.py over the JSONs: RESULTS.md and speedup.png
 # Output files ($OUT): summary.txt setup.log build.log tests.log bench.log bench.json RESULTS.md speedup.png
@@ -49,11 +50,14 @@ GPU_TESTS_K='gpu or cuda'
 TEST_ARGS=(tests -k "$GPU_TESTS_K" --ignore=tests/test_gpu_check.py -rs -p no:cacheprovider
            -o faulthandler_timeout=60)
 # selections by case id (function name, phase, module, shape), not by file name: files get split and renamed
-E2E_ARGS=(benchmarks -k 'bench_lumiere and train and MPLumiere and karras64-bfloat16')
+# (ours under lumiere.compile() is left out: its inductor compile of the whole U-Net does not fit the stage's
+# limit next to upstream's; run it apart with -k 'lumiere_fast_compiled')
+E2E_ARGS=(benchmarks -k 'bench_lumiere and train and MPLumiere and karras64-bfloat16 and not lumiere_fast_compiled')
 OPS_K='cuda and ((bench_fold and fold-ct and C384-32x32)'
 OPS_K+=' or (bench_block and forward+backward and C384-32x32 and (MPConvolutionInflationBlock or MPTemporalDownsample or MPTemporalUpsample))'
 OPS_K+=' or (bench_attention and forward+backward and MPAttentionInflationBlock and C768-8x8-T16-B2)'
-OPS_K+=' or (bench_conv1d and fwd+bwd and C384-32x32))'
+OPS_K+=' or (bench_conv1d and fwd+bwd and C384-32x32)'
+OPS_K+=' or (bench_host_overhead and (mp_temporal_conv_block or mp_temporal_attention_block or mp_temporal_downsample)))'
 OPS_ARGS=(benchmarks -k "$OPS_K")
 # what the ops selection must cover: op -> a token of its case ids, and whether upstream has the module (then
 # ours, upstream eager and torch.compile(upstream) must all be selected)

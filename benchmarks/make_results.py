@@ -32,6 +32,8 @@ SECTIONS = OrderedDict([
     ('bench_attention.py', 'Temporal attention blocks'),
     ('bench_temporal_conv1d.py', 'Temporal conv1d'),
     ('bench_fold.py', 'Frame fold / unfold'),
+    ('bench_karras.py', 'The frozen KarrasUnet: fast image model'),
+    ('bench_host_overhead.py', 'Host time per op call (eager path vs the custom op; CPU rows: kernels stubbed)'),
 ])
 
 
