@@ -1,19 +1,44 @@
-"""Each temporal conv inflation block alone (``ops/conv_block.py``), ours vs upstream eager vs
-torch.compile(upstream), same weights and input.
+"""Each temporal conv inflation block (``ops/conv_block.py``), ours vs upstream eager vs torch.compile(upstream),
+same weights and input: the whole block (``bench_block``) and its temporal core alone (``bench_core``).
 
 Phases, shapes (a 64x64 KarrasUnet's conv levels on CUDA, bf16 under autocast, B=2, T=16; C=32 at 32x32, fp32,
-B=2, T=8 on CPU), timing and bytes moved: harness.run_frames_module_case.
+B=2, T=8 on CPU), timing and the block's bytes moved: harness.run_frames_module_case.
 FLOPs: the temporal GEMMs only, 2 N C (C k) for the k-tap conv1d + 2 N C C for the 1x1 projection, N = B T H W
-(the spatial 3x3 conv2d is not counted: issue 3's definition). On CUDA the blocks with C >= 256 also record
-cuBLAS's bf16 rate on the same (M, N, K) as the conv1d GEMM.
+(the spatial 3x3 conv2d is not counted: issue 3's definition); forward+backward 3x that. On CUDA the blocks with
+C >= 256 also record cuBLAS's bf16 rate on the same (M, N, K) as the conv1d GEMM.
+
+Temporal core (``bench_core``, issue 14.5): everything a block does after the spatial 3x3 conv every
+implementation shares (~2/3 of a whole block's FLOPs), timed on that conv's output ``h`` and the block input
+``x``, both (b t) c H W:
+
+* ours (``lumiere_fast``): what ``modules/conv.py`` runs after its spatial conv, the effective (MP-normalised)
+  weights then ``ops.mp_temporal_conv_block`` / ``ops.temporal_conv_block`` (:class:`OursCore`);
+* upstream (``upstream``): upstream's block after its spatial conv, with its own layers and einops helpers: the
+  fold ``(b t) c h w -> (b h w) c t``, ``temporal_conv`` (conv1d, activation [+ norm]), ``proj_out``, the unfold
+  and the residual (``MPAdd``, or ``+ x`` as its ``@residualize``) (:class:`UpstreamCore`);
+* ``upstream_compiled``: torch.compile of that upstream sequence (CUDA).
+
+Before the first timing of each (device, block) the two are checked to compute the same thing: at the CPU shape,
+fp32 with TF32 off, random weights (the blocks zero-init their projection / gain), max |ours - upstream| <=
+1e-5 max |upstream| for the output and, after a backward, the gradients of h and x.
+Core bytes (minimal, parameters not counted, s = element size): forward reads h and x and writes the output,
+3 N C s; forward+backward adds a backward that reads the output's gradient and h (the conv recomputed or its
+activation saved: one tensor either way) and writes the gradients of h and x, 7 N C s in all. Core FLOPs: the
+block's (above).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from einops import rearrange
+from torch import nn
 
-from harness import DEVICES, KARRAS_64_LEVELS, median_of, median_seconds, run_frames_module_case
+from harness import (DEVICES, KARRAS_64_LEVELS, compile_fresh, compiled_or_skip, describe, device_or_skip,
+                     frames_module_steps, median_of, median_seconds, no_tf32, record_rates, rounds, run_benchmark,
+                     run_frames_module_case, upstream_or_skip)
+import lumiere_fast
+from lumiere_fast import backend, ops
 
 BLOCKS = ['MPConvolutionInflationBlock', 'ConvolutionInflationBlock']
 SHAPES = {'cpu': [(32, 32)], 'cuda': KARRAS_64_LEVELS}     # per device: (channels, height=width)
@@ -56,3 +81,126 @@ def bench_block(benchmark, cublas_tflops, device_rates, impl, phase, device_name
     if median_of(benchmark) and case['device'].type == 'cuda' and c >= 256:
         benchmark.extra_info['cublas_bf16_TFLOPs_same_MNK'] = round(cublas_tflops(m, n, k), 1)
         benchmark.extra_info['gemm_MNK'] = [m, n, k]
+
+
+# ------------------------------------------------------------------------------------------------ temporal core
+
+class OursCore(nn.Module):
+    """``(h, x) -> out``, all (b t) c H W: ours after the spatial conv, as ``modules/conv.py`` calls it."""
+
+    def __init__(self, block: nn.Module, batch: int):
+        super().__init__()
+        self.block, self.batch = block, batch
+
+    def forward(self, h, x):
+        m = self.block
+        if hasattr(m, 'residual_mp_add'):
+            return ops.mp_temporal_conv_block(
+                h, x, m.temporal_conv[0].effective_weight(), m.proj_out[0].effective_weight(), m.proj_out[1].gain,
+                batch=self.batch, mp_add_t=m.residual_mp_add.t, dropout=m.temporal_conv[2].p, training=m.training)
+        conv, norm = m.temporal_conv[0], m.temporal_conv[1]
+        return ops.temporal_conv_block(h, x, conv.weight, conv.bias, norm.gamma, m.proj_out.weight,
+                                       m.proj_out.bias, batch=self.batch)
+
+
+class UpstreamCore(nn.Module):
+    """``(h, x) -> out``, all (b t) c H W: upstream's block forward after ``x = self.spatial_conv(x)``, its own
+    layers and helpers in its order (lumiere_pytorch 0.0.24, ``(MP)ConvolutionInflationBlock.forward``)."""
+
+    def __init__(self, block: nn.Module, batch: int):
+        super().__init__()
+        from lumiere_pytorch.mp_lumiere import pack_one, unpack_one       # upstream's own (both files have them)
+        self.block, self.batch, self.pack_one, self.unpack_one = block, batch, pack_one, unpack_one
+
+    def forward(self, h, x):
+        m = self.block
+        y = rearrange(h, '(b t) c h w -> b h w c t', b=self.batch)
+        y, ps = self.pack_one(y, '* c t')                                # (b h w) c t
+        y = m.proj_out(m.temporal_conv(y))
+        y = rearrange(self.unpack_one(y, ps, '* c t'), 'b h w c t -> (b t) c h w')
+        return m.residual_mp_add(y, x) if hasattr(m, 'residual_mp_add') else y + x     # non-MP: @residualize
+
+
+def _randomize_(module: nn.Module):
+    """Non-trivial weights: the blocks zero-init their projection (non-MP) or gain (MP), which would make every
+    core return its residual and the parity check vacuous."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
+            else:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+
+
+def _core_pair(block: str, c: int, batch: int, device: torch.device, train: bool) -> tuple[nn.Module, nn.Module]:
+    """(upstream block, our block) with the same random weights, in train or eval mode."""
+    lumiere_pytorch = upstream_or_skip()
+    torch.manual_seed(0)
+    upstream = getattr(lumiere_pytorch, block)(dim=c)
+    _randomize_(upstream)
+    ours = getattr(lumiere_fast, block)(dim=c)
+    ours.load_state_dict(upstream.state_dict())
+    for m in (upstream, ours):
+        m.to(device).train(train).batch_dim = batch
+    return upstream, ours
+
+
+_CHECKED: set = set()
+
+
+def _check_core_parity(block: str, device: torch.device):
+    """OursCore == UpstreamCore at the CPU shape in fp32 (module docstring), once per (device, block)."""
+    if (device.type, block) in _CHECKED:
+        return
+    (c, hw), b, t = SHAPES['cpu'][0], BATCH['cpu'], FRAMES['cpu']
+    upstream, ours = _core_pair(block, c, b, device, train=True)
+    x = torch.randn(b * t, c, hw, hw, device=device)
+    with torch.no_grad():
+        h = upstream.spatial_conv(x)
+    results = []
+    with no_tf32(device):
+        for core in (OursCore(ours, b), UpstreamCore(upstream, b)):
+            hh, xx = h.clone().requires_grad_(), x.clone().requires_grad_()
+            out = core(hh, xx)
+            out.square().mean().backward()
+            results.append((out.detach(), hh.grad, xx.grad))
+    for name, got, want in zip(('output', 'grad h', 'grad x'), *results):
+        err, scale = (got - want).abs().max().item(), want.abs().max().item()
+        assert scale > 0 and err <= 1e-5 * scale, \
+            f'{block} temporal core, {name}: ours vs upstream max |err| {err:.3g} vs max |upstream| {scale:.3g}'
+    _CHECKED.add((device.type, block))
+
+
+@pytest.mark.parametrize('device_name, block, c, hw', CASES,
+                         ids=[f'{d}-{block}-C{c}-{hw}x{hw}' for d, block, c, hw in CASES])
+@pytest.mark.parametrize('phase', PHASES)
+@pytest.mark.parametrize('impl', IMPLS)
+def bench_core(benchmark, device_rates, impl, phase, device_name, block, c, hw):
+    """The temporal core alone on the spatial conv's output (module docstring), checked against upstream's
+    sequence first."""
+    device = device_or_skip(device_name)
+    if impl == 'upstream_compiled':
+        compiled_or_skip(device)
+    _check_core_parity(block, device)
+    b, t = BATCH[device_name], FRAMES[device_name]
+    train = phase == 'forward+backward'
+    upstream, ours = _core_pair(block, c, b, device, train)
+    core = OursCore(ours, b) if impl == 'lumiere_fast' else UpstreamCore(upstream, b)
+    run = compile_fresh(core) if impl == 'upstream_compiled' else core
+    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    x0 = torch.randn(b * t, c, hw, hw, device=device, dtype=dtype)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
+        h0 = upstream.spatial_conv(x0).to(dtype)        # the same spatial-conv output for every impl
+    benchmark.group = f'{block} temporal core {phase} {device_name} {str(dtype)[6:]} C={c} {hw}x{hw} B={b} T={t}'
+    describe(benchmark, device, dtype, f'C={c} {hw}x{hw} B={b} T={t}', impl)
+
+    step, make_inputs, forward = frames_module_steps(run, (h0, x0), device, dtype, train)
+    if impl == 'lumiere_fast':
+        with backend.record_choices() as seen:
+            forward(h0, x0)
+        benchmark.extra_info['ran'] = sorted(set().union(*seen.values())) if seen else []
+    run_benchmark(benchmark, step, make_inputs, device, n_rounds=rounds(50, 10, device), warmup=2)
+
+    flops, _ = _temporal_gemm_flops(c, b * t * hw * hw)
+    record_rates(benchmark, device_rates(device), nbytes=(7 if train else 3) * x0.nbytes,
+                 flops=3 * flops if train else flops)

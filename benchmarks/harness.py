@@ -27,6 +27,7 @@ reset, measured before the ring is allocated, so it holds only the model/module,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -69,6 +70,18 @@ def compile_fresh(module):
     object, and past torch._dynamo.config.cache_size_limit (8) recompiles dynamo would silently run it eagerly."""
     torch._dynamo.reset()
     return torch.compile(module)
+
+
+@contextlib.contextmanager
+def no_tf32(device: torch.device):
+    """fp32 means fp32 for every implementation inside: matmul and cuDNN TF32 off on CUDA (restored after)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def sync(device: torch.device):
@@ -156,22 +169,25 @@ def run_benchmark(benchmark, step: Callable, make_inputs: Callable[[], Sequence]
     return first
 
 
-def frames_module_steps(run, x0: torch.Tensor, device: torch.device, dtype: torch.dtype, train: bool):
-    """(step, make_inputs, forward) for a temporal module on frames like ``x0``: the timed step is the eval
-    forward under no_grad, or (``train``) forward + backward of a scalar loss; bf16 autocast on CUDA. Each call
-    gets a fresh copy of x0 from ``make_inputs`` (the ring of run_benchmark)."""
+def frames_module_steps(run, x0: torch.Tensor | Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype,
+                        train: bool):
+    """(step, make_inputs, forward) for a temporal module on frames like ``x0`` (a tensor, or a tuple of tensors
+    passed to ``run`` as its positional inputs): the timed step is the eval forward under no_grad, or (``train``)
+    forward + backward of a scalar loss into every input (and parameter); bf16 autocast on CUDA. Each call gets
+    fresh copies of x0 from ``make_inputs`` (the ring of run_benchmark)."""
     autocast = dict(device_type=device.type, dtype=dtype, enabled=device.type == 'cuda')
+    x0s = (x0,) if isinstance(x0, torch.Tensor) else tuple(x0)
 
     def make_inputs():
-        return (x0.clone().requires_grad_(train),)
+        return tuple(x.clone().requires_grad_(train) for x in x0s)
 
-    def forward(x):
+    def forward(*xs):
         with torch.no_grad(), torch.autocast(**autocast):
-            return run(x)
+            return run(*xs)
 
-    def forward_backward(x):
+    def forward_backward(*xs):
         with torch.autocast(**autocast):
-            out = run(x)
+            out = run(*xs)
         out.float().square().mean().backward()
 
     return (forward_backward if train else forward), make_inputs, forward
@@ -218,15 +234,63 @@ def median_of(benchmark) -> float | None:
     return None if benchmark.stats is None else benchmark.stats.stats.median
 
 
-def record_rates(benchmark, rates: dict, *, nbytes: int | None = None, flops: int | None = None):
+GEMM_RATE_KEYS = {'bfloat16': 'device_bf16_gemm_TFLOPs', 'float16': 'device_bf16_gemm_TFLOPs',
+                  'float32': 'device_fp32_gemm_TFLOPs'}
+
+
+def gemm_rate(rates: dict, dtype: str | None) -> tuple[str, float] | None:
+    """(key, TFLOP/s) of the measured GEMM rate that applies to a case in ``dtype``: bf16 and fp16 cases the bf16
+    rate, fp32 cases the fp32 rate. measure_rates measures one per device (CUDA: bf16, where every op case runs
+    bf16; CPU: fp32, where every case runs fp32); a case whose dtype's rate was not measured (an fp32 case on
+    CUDA) gets the one that was, and its record says which (``roofline_gemm``)."""
+    key = GEMM_RATE_KEYS.get(dtype or '')
+    if key and rates.get(key):
+        return key, rates[key]
+    for key in ('device_bf16_gemm_TFLOPs', 'device_fp32_gemm_TFLOPs'):
+        if rates.get(key):
+            return key, rates[key]
+    return None
+
+
+def roofline_seconds(rates: dict, dtype: str | None, *, nbytes: int | None = None, flops: int | None = None
+                     ) -> tuple[float, str] | None:
+    """The roofline prediction of a case and the bound that sets it ('copy' or 'gemm'):
+
+        predicted_s = max(bytes / copy_rate, flops / gemm_rate)
+
+    copy_rate = the device's measured copy bandwidth (``device_copy_GBps``: read + write bytes of ``x.clone()``
+    per second, the same count as ``bytes``), gemm_rate = its measured GEMM rate for ``dtype`` (:func:`gemm_rate`).
+    A term whose count or rate is missing is left out; None where neither term can be computed. It is a lower
+    bound on time for the case's minimal traffic and work at rates this device reaches in isolation (it ignores
+    that memory traffic and math can overlap only imperfectly, and any launch cost)."""
+    terms = []
+    if nbytes is not None and rates.get('device_copy_GBps'):
+        terms.append((nbytes / (rates['device_copy_GBps'] * 1e9), 'copy'))
+    gemm = gemm_rate(rates, dtype)
+    if flops is not None and gemm:
+        terms.append((flops / (gemm[1] * 1e12), 'gemm'))
+    return max(terms) if terms else None
+
+
+def record_rates(benchmark, rates: dict, *, nbytes: int | None = None, flops: int | None = None,
+                 dtype: str | None = None):
     """extra_info: achieved GB/s (nbytes / median) and TFLOP/s (flops / median), the device's measured rates
-    and the fractions of them. ``nbytes`` / ``flops`` are the case's minimal traffic / work, computed by the
-    caller from the shapes (each bench file states its formula)."""
+    and the fractions of them, and the roofline prediction ``predicted_s`` (:func:`roofline_seconds`; with
+    ``roofline_bound`` 'copy' | 'gemm' and ``roofline_gemm``, the GEMM rate used). ``nbytes`` / ``flops`` are
+    the case's minimal traffic / work, computed by the caller from the shapes (each bench file states its
+    formula); ``dtype`` defaults to ``extra_info['dtype']`` (set by :func:`describe`)."""
     benchmark.extra_info.update({k: v for k, v in rates.items() if k.startswith('device_')})
+    dtype = dtype or benchmark.extra_info.get('dtype')
     if nbytes is not None:
         benchmark.extra_info['bytes'] = int(nbytes)
     if flops is not None:
         benchmark.extra_info['flops'] = int(flops)
+    gemm = gemm_rate(rates, dtype)
+    roof = roofline_seconds(rates, dtype, nbytes=nbytes, flops=flops)
+    if roof is not None:
+        benchmark.extra_info.update(predicted_s=roof[0], roofline_bound=roof[1])
+        if flops is not None and gemm:
+            benchmark.extra_info['roofline_gemm'] = gemm[0]
     median = median_of(benchmark)
     if median is None or median <= 0:
         return
@@ -238,9 +302,8 @@ def record_rates(benchmark, rates: dict, *, nbytes: int | None = None, flops: in
     if flops is not None:
         tflops = flops / median / 1e12
         benchmark.extra_info['achieved_TFLOPs'] = round(tflops, 4)
-        gemm = rates.get('device_bf16_gemm_TFLOPs') or rates.get('device_fp32_gemm_TFLOPs')
         if gemm:
-            benchmark.extra_info['fraction_of_gemm'] = round(tflops / gemm, 3)
+            benchmark.extra_info['fraction_of_gemm'] = round(tflops / gemm[1], 3)
 
 
 def describe(benchmark, device: torch.device, dtype: torch.dtype, shape: str, impl: str):

@@ -9,7 +9,9 @@ implementation ('lumiere_fast' = ours, 'upstream' = lumiere-pytorch eager, 'upst
 torch.compile(upstream), anything else = another baseline). The median of a record is
 ``extra_info['median_s']`` (CUDA events, harness.run_benchmark) where present, else pytest-benchmark's
 ``stats.median``. Ratios are baseline median / ours median in one group (> 1: ours is faster); the memory
-ratio is ours peak / baseline peak (< 1: ours uses less).
+ratio is ours peak / baseline peak (< 1: ours uses less). The roofline columns are measured median /
+``extra_info['predicted_s']`` (harness.roofline_seconds: max(bytes / copy rate, flops / GEMM rate) from the
+device's measured rates) of each implementation: 1.00x is at the roofline, 2.00x takes twice the predicted time.
 
 A JSON from a ``--benchmark-disable`` run holds no timings: such files are refused with a message (exit 2).
 """
@@ -119,6 +121,24 @@ def mem_ratio(group: dict, baseline: str) -> float | None:
     return a / b if a and b else None
 
 
+def predicted(group: dict) -> Record | None:
+    """The group's record that carries the roofline prediction (ours where it has one: every impl of a case gets
+    the same bytes/FLOPs, hence the same prediction)."""
+    for r in sorted(group.values(), key=lambda r: r.impl != OURS):
+        if r.extra.get('predicted_s'):
+            return r
+    return None
+
+
+def roofline_ratio(group: dict, impl: str) -> float | None:
+    """measured median / roofline-predicted time of ``impl`` in this group (1: at the roofline; > 1: slower)."""
+    r, fallback = group.get(impl), predicted(group)
+    if r is None or not r.median:
+        return None
+    pred = r.extra.get('predicted_s') or (fallback.extra['predicted_s'] if fallback else None)
+    return r.median / pred if pred else None
+
+
 @dataclass
 class Target:
     name: str
@@ -215,9 +235,15 @@ def fmt_others(group: dict) -> str:
     for impl, r in group.items():
         if impl in (OURS, EAGER, COMPILED):
             continue
-        rr = ratio(group, impl)
-        parts.append(f"{impl} {fmt_time(r.median)}" + (f" ({rr:.2f}x)" if rr is not None else ''))
+        rr, roof = ratio(group, impl), roofline_ratio(group, impl)
+        parts.append(f"{impl} {fmt_time(r.median)}" + (f" ({rr:.2f}x)" if rr is not None else '')
+                     + (f" [{roof:.2f}x roofline]" if roof is not None else ''))
     return '; '.join(parts) or '—'
+
+
+def fmt_prediction(group: dict) -> str:
+    r = predicted(group)
+    return '—' if r is None else f"{fmt_time(r.extra['predicted_s'])} ({r.extra.get('roofline_bound', '?')})"
 
 
 def fmt_targets(results) -> str:
@@ -240,13 +266,17 @@ def section_table(file: str, groups: OrderedDict) -> list[str]:
     has_rate = any(any(k in r.extra for k in ('achieved_GBps', 'achieved_TFLOPs', 'ratio_to_clone'))
                    for g in groups.values() for r in g.values())
     has_targets = any(target_results(file, g) for g in groups.values())
+    has_roof = any(predicted(g) for g in groups.values())
     head = ['case', 'ours', 'eager', 'compiled', 'eager/ours', 'compiled/ours']
+    if has_roof:
+        head += ['roofline time (bound)', 'measured/roofline ours', 'measured/roofline eager',
+                 'measured/roofline compiled']
     if has_mem:
         head += ['peak MiB ours', 'peak MiB eager', 'peak MiB compiled', 'mem ours/eager', 'mem ours/compiled']
     if has_rate:
         head += ['ours: achieved rate']
     if has_others:
-        head += ['other baselines (median, baseline/ours)']
+        head += ['other baselines (median, baseline/ours' + (', [measured/roofline]' if has_roof else '') + ')']
     if has_targets:
         head += ['targets']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -255,6 +285,8 @@ def section_table(file: str, groups: OrderedDict) -> list[str]:
                fmt_time(g[EAGER].median if EAGER in g else None),
                fmt_time(g[COMPILED].median if COMPILED in g else None),
                fmt_ratio(ratio(g, EAGER)), fmt_ratio(ratio(g, COMPILED))]
+        if has_roof:
+            row += [fmt_prediction(g)] + [fmt_ratio(roofline_ratio(g, i)) for i in (OURS, EAGER, COMPILED)]
         if has_mem:
             row += [fmt_mem(g, OURS), fmt_mem(g, EAGER), fmt_mem(g, COMPILED),
                     fmt_ratio(mem_ratio(g, EAGER)), fmt_ratio(mem_ratio(g, COMPILED))]
@@ -343,8 +375,11 @@ def render(records: list[Record], env: dict, profiles: list[dict], chart_rel: st
         lines.append(f'| measured {dev} rates | {desc} |')
     lines += ['', 'Columns: medians of ours (`lumiere_fast`), upstream `lumiere-pytorch` eager, and '
               '`torch.compile(upstream)`; ratios are baseline / ours (> 1: ours is faster); `mem ours/x` is ours '
-              'peak / x peak (`torch.cuda.max_memory_allocated`, < 1: ours uses less). — : not run (e.g. no '
-              'compiled baseline on CPU). benchmarks/README.md describes each column.', '']
+              'peak / x peak (`torch.cuda.max_memory_allocated`, < 1: ours uses less). `measured/roofline x` is x\'s '
+              'median / the roofline time predicted from the device\'s measured rates, max(bytes / copy rate, '
+              'FLOPs / GEMM rate) (`roofline_bound`: which term sets it); 1.00x is at the roofline, larger is '
+              'further from it. — : not run (e.g. no compiled baseline on CPU). benchmarks/README.md describes '
+              'each column.', '']
 
     all_targets = [(f, name, tr) for f, gs in sections.items() for name, g in gs.items()
                    for tr in target_results(f, g)]
@@ -360,11 +395,12 @@ def render(records: list[Record], env: dict, profiles: list[dict], chart_rel: st
         lines.append('')
 
     lines += ['## Summary (geometric mean of ratios per section)', '',
-              '| section | cases | eager/ours | compiled/ours |', '|---|---|---|---|']
+              '| section | cases | eager/ours | compiled/ours | measured/roofline ours |', '|---|---|---|---|---|']
     for f, gs in sections.items():
         lines.append(f"| {SECTIONS.get(f, f)} | {len(gs)} | "
                      f"{fmt_ratio(_geomean([ratio(g, EAGER) for g in gs.values()]))} | "
-                     f"{fmt_ratio(_geomean([ratio(g, COMPILED) for g in gs.values()]))} |")
+                     f"{fmt_ratio(_geomean([ratio(g, COMPILED) for g in gs.values()]))} | "
+                     f"{fmt_ratio(_geomean([roofline_ratio(g, OURS) for g in gs.values()]))} |")
     lines.append('')
     if chart_rel:
         lines += [f'![speedups]({chart_rel})', '']

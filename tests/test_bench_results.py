@@ -80,6 +80,14 @@ def test_results_from_a_real_cpu_run(tmp_path, mr):
             median = impls[base]['stats']['median']
             assert f'{base} {mr.fmt_time(median)} ({median / ours:.2f}x)' in row[-1]
         assert f"{impls['lumiere_fast']['extra_info']['achieved_GBps']:.3g} GB/s" in row[-2]
+        # the roofline column: fold is a pure copy, so predicted_s = bytes / measured copy rate
+        x = impls['lumiere_fast']['extra_info']
+        assert x['roofline_bound'] == 'copy'
+        assert x['predicted_s'] == pytest.approx(x['bytes'] / (x['device_copy_GBps'] * 1e9))
+        assert row[6] == f"{mr.fmt_time(x['predicted_s'])} (copy)"
+        assert row[7] == f"{ours / x['predicted_s']:.2f}x"
+        clone = impls['clone']
+        assert f"[{clone['stats']['median'] / clone['extra_info']['predicted_s']:.2f}x roofline]" in row[-1]
 
 
 def _bench(group, impl, median, file='bench_end_to_end.py', stats_median=None, **extra):
@@ -100,8 +108,14 @@ def _synthetic(path: Path) -> Path:
         _bench(fwd, 'lumiere_fast', 0.004, phase='forward', peak_mem_MiB=300., **e2e),
         _bench(fwd, 'upstream', 0.0048, phase='forward', peak_mem_MiB=400., **e2e),       # no compiled record
         _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'lumiere_fast', 2e-5, 'bench_resample.py',
-               achieved_GBps=2000., fraction_of_copy=0.6, achieved_TFLOPs=10., fraction_of_gemm=0.02),
-        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'upstream', 8e-5, 'bench_resample.py'),
+               achieved_GBps=2000., fraction_of_copy=0.6, achieved_TFLOPs=10., fraction_of_gemm=0.02,
+               predicted_s=1.25e-5, roofline_bound='copy'),
+        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'upstream', 8e-5, 'bench_resample.py',
+               predicted_s=1.25e-5, roofline_bound='copy'),
+        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'upstream_compiled', 3e-5,
+               'bench_resample.py', predicted_s=1.25e-5, roofline_bound='copy'),
+        _bench('MPTemporalDownsample forward cuda bfloat16 C=768 8x8', 'cudnn_conv1d', 5e-5, 'bench_resample.py',
+               predicted_s=1.25e-5, roofline_bound='copy'),
     ]
     env = {'torch': '2.14.1', 'triton': '3.8.0', 'python': '3.12.3', 'device': 'NVIDIA H100 80GB HBM3',
            'cuda': '13.0', 'device_rates': {'cuda': {'device_copy_GBps': 3000., 'device_bf16_gemm_TFLOPs': 700.}}}
@@ -133,7 +147,42 @@ def test_results_from_synthetic_cuda_records(tmp_path, mr):
     assert 'inference >= 1.3x eager: **NOT met** (1.20x)' in fwd[-1]
     blocks = _row(text, 'MPTemporalDownsample forward cuda bfloat16 C=768 8x8')
     assert blocks[4] == '4.00x' and '2e+03 GB/s (60% of copy); 10 TFLOP/s (2% of GEMM)' in blocks
+    # roofline columns: measured median / predicted_s, per implementation (ours 2e-5, eager 8e-5,
+    # compiled 3e-5, cudnn_conv1d 5e-5 against 12.5 us)
+    assert blocks[6:10] == ['12.5 us (copy)', '1.60x', '6.40x', '2.40x']
+    assert blocks[-1] == 'cudnn_conv1d 50 us (2.50x) [4.00x roofline]'
+    assert 'measured/roofline ours' in text and 'measured/roofline x' in text
+    assert '| Temporal down/upsample | 1 | 4.00x | 1.50x | 1.60x |' in text
+    # the end-to-end section records no prediction: no roofline columns there
+    assert row[6:11] == ['1,000', '1,500', '1,600', f'{1000 / 1500:.2f}x', f'{1000 / 1600:.2f}x']
     assert '| inference >= 1.3x eager | forward MPLumiere cuda bfloat16 karras64 | 1.20x | **NOT met** |' in text
+
+
+def test_roofline_prediction():
+    """harness.roofline_seconds / record_rates: predicted_s = max(bytes / copy rate, flops / GEMM rate), the GEMM
+    rate of the case's dtype (the one measured where the dtype's is not)."""
+    h = _load('harness')
+    cuda = {'device_copy_GBps': 2000., 'device_bf16_gemm_TFLOPs': 500.}
+    cpu = {'device_copy_GBps': 10., 'device_fp32_gemm_TFLOPs': 0.1}
+    # bytes-bound: 4e9 B / 2e12 B/s = 2 ms > 1e11 FLOP / 5e14 FLOP/s = 0.2 ms
+    assert h.roofline_seconds(cuda, 'bfloat16', nbytes=4e9, flops=1e11) == (pytest.approx(2e-3), 'copy')
+    assert h.roofline_seconds(cuda, 'bfloat16', nbytes=4e8, flops=1e12) == (pytest.approx(2e-3), 'gemm')
+    assert h.roofline_seconds(cpu, 'float32', flops=1e9) == (pytest.approx(1e-2), 'gemm')
+    assert h.gemm_rate(cuda, 'float32') == ('device_bf16_gemm_TFLOPs', 500.)     # only bf16 measured on CUDA
+    assert h.gemm_rate(cuda, 'float16') == ('device_bf16_gemm_TFLOPs', 500.)
+    assert h.roofline_seconds({}, 'float32', nbytes=1, flops=1) is None
+
+    class Fake:
+        disabled, stats = False, None
+
+        def __init__(self):
+            self.extra_info = {'dtype': 'float32', 'median_s': 4e-2}
+
+    b = Fake()
+    h.record_rates(b, cpu, nbytes=2e8, flops=1e9)           # 20 ms (copy) vs 10 ms (gemm)
+    assert b.extra_info['predicted_s'] == pytest.approx(2e-2) and b.extra_info['roofline_bound'] == 'copy'
+    assert b.extra_info['roofline_gemm'] == 'device_fp32_gemm_TFLOPs'
+    assert b.extra_info['fraction_of_copy'] == 0.5 and b.extra_info['fraction_of_gemm'] == 0.25
 
 
 def test_timing_less_json_is_refused(tmp_path, mr, capsys):
