@@ -463,3 +463,171 @@ def test_torch_compile_of_the_accelerated_unet():
         got, ref = _outputs(compiled, x, x, time=t), _outputs(fast, x, x, time=t)
         for a, b in zip(got, ref):
             assert_close_rel(a, b, 1e-6 if mode == 'eval' else 1e-5, what=f'compiled {mode}')
+
+
+# ---------------------------------------------------------------------------------------------- deterministic resizes
+#
+# Issue 16.3: PyTorch has no deterministic CUDA backward for upsample_bilinear2d, so in deterministic mode on CUDA
+# ``K.resize2x`` runs the same stencil as avg_pool2d (halving) or slices, products and sums (doubling). Forced here
+# on CPU: equal to F.interpolate forward and input gradient to rounding (measured: halving 1.2e-7 of max|out| in
+# fp32, 2.1e-16 in fp64, gradient bit-equal; doubling 1.4e-7 / 2.5e-16 forward, 2.2e-7 / 3.3e-16 gradient).
+
+def _spatial_stride(b, c, h, w, dtype):
+    return torch.randn(b, c, h, 2 * w, dtype=dtype)[..., ::2]
+
+
+# (b, c, h, w) and a layout: one pixel, one row / column, odd sizes (halving: F.interpolate), even, channel tails,
+# batch > 1; a channel slice, channels-last and a strided row of wider tensors
+RESIZE_CASES = [((1, 1, 1, 1), 'contiguous'), ((1, 1, 1, 9), 'contiguous'), ((1, 1, 7, 1), 'contiguous'),
+                ((1, 1, 2, 2), 'contiguous'), ((2, 3, 8, 6), 'contiguous'), ((3, 5, 7, 9), 'contiguous'),
+                ((2, 3, 6, 5), 'contiguous'), ((4, 32, 32, 32), 'contiguous'), ((2, 3, 8, 6), 'slice'),
+                ((2, 5, 6, 10), 'permuted'), ((3, 2, 4, 6), 'strided')]
+
+
+def _resize_input(shape, layout, dtype):
+    from helpers import strided_frames
+    if layout == 'strided':
+        return _spatial_stride(*shape, dtype)
+    return strided_frames(shape[0], 1, *shape[1:], dtype, layout=layout)
+
+
+def _resize_both(x, up):
+    """resize2x forced to the deterministic formulation and F.interpolate: (out, input grad) each, the choices."""
+    a, b = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    with backend.record_choices() as seen:
+        out = K.resize2x(a, up, deterministic=True)
+    ref = K.resize2x_ref(b, up)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref.dtype)
+    return (out, *torch.autograd.grad(out, a, cot)), (ref, *torch.autograd.grad(ref, b, cot)), seen
+
+
+def _assert_rounding(got, ref, dtype, what):
+    """max |got - ref| within a few rounding steps of max |ref| (fp32: 4 eps; fp64: 1e-12)."""
+    bound = (4 * torch.finfo(torch.float32).eps if dtype == torch.float32 else 1e-12) * ref.abs().max().item()
+    assert got.shape == ref.shape and got.dtype == ref.dtype, what
+    torch.testing.assert_close(got, ref, rtol=0, atol=bound, msg=lambda m: f'{what}: {m}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=_ids)
+@pytest.mark.parametrize('up', [False, True], ids=['halve', 'double'])
+@pytest.mark.parametrize('case', RESIZE_CASES, ids=lambda c: f'{_ids(c[0])}-{c[1]}')
+def test_resize2x_deterministic_formulation_matches_interpolate(case, up, dtype):
+    shape, layout = case
+    x = _resize_input(shape, layout, dtype)
+    if not up and min(shape[2:]) == 1:          # an output size 0: F.interpolate's error, forced or not
+        with pytest.raises(RuntimeError, match='greater than 0'):
+            K.resize2x(x, up, deterministic=True)
+        return
+    got, ref, seen = _resize_both(x, up)
+    exact = up or (shape[2] % 2 == 0 and shape[3] % 2 == 0)
+    assert seen == {'resize2x': {'deterministic' if exact else 'reference'}}
+    for g, r, what in zip(got, ref, ('output', 'input grad')):
+        if exact:
+            _assert_rounding(g, r, dtype, what)
+        else:           # odd halving: F.interpolate itself
+            assert torch.equal(g, r), what
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize('up', [False, True], ids=['halve', 'double'])
+def test_resize2x_deterministic_half_precision(up, dtype):
+    """fp16/bf16: computed in fp32 and cast once, as PyTorch's kernels: the dtype's rounding of the fp32 answer."""
+    x = torch.randn(2, 5, 6, 10).to(dtype)
+    got, ref, _ = _resize_both(x, up)
+    _, exact, _ = _resize_both(x.float(), up)
+    for g, r, e, what in zip(got, ref, exact, ('output', 'input grad')):
+        assert g.dtype == r.dtype == dtype, what
+        assert_close_rel(g.float(), e, TOL[dtype], what=f'{what} vs fp32')
+        assert_close_rel(g.float(), r.float(), TOL[dtype], what=f'{what} vs F.interpolate')
+
+
+def test_resize2x_dispatch_and_validation():
+    x = torch.randn(1, 2, 4, 4)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with backend.record_choices() as seen:          # CPU: F.interpolate's backward is deterministic already
+            out = K.resize2x(x, True)
+        assert seen == {'resize2x': {'reference'}} and torch.equal(out, K.resize2x_ref(x, True))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    with backend.record_choices() as seen:
+        K.resize2x(x, False, deterministic=False)
+        with pytest.raises(RuntimeError):           # not floating: F.interpolate, and its error
+            K.resize2x(x.to(torch.int64), True, deterministic=True)
+    assert seen == {'resize2x': {'reference'}}
+    with pytest.raises(ValueError, match='4-dim'):
+        K.resize2x(torch.randn(2, 4, 4), True)
+    with pytest.raises(TypeError, match='bool'):
+        K.resize2x(x, 2)
+    with pytest.raises(RuntimeError):              # h // 2 == 0: F.interpolate's error, forced or not
+        K.resize2x(torch.randn(1, 1, 1, 4), False, deterministic=True)
+
+
+def test_whole_mplumiere_same_with_the_deterministic_resizes(monkeypatch):
+    """MPLumiere (fast image model on) with the deterministic resizes forced vs the default: output, input and
+    parameter gradients; float64 to 1e-12, float32 within 1e-5 or at most 2x as far from the float64 answer as the
+    default (some temporal gradients are ill-conditioned; measured on seeds 0-9: float64 <= 8e-14 apart, float32
+    up to 5e-5 apart and then at most 1.6x the default's distance from float64)."""
+    from functools import partial
+
+    from helpers import SMALL_UNET_NAMES
+    from lumiere_fast import MPLumiere
+    torch.manual_seed(0)
+    unet = small_unet()
+    perturb_(unet, 0.3)
+    lum = MPLumiere(unet, image_size=16, **SMALL_UNET_NAMES)
+    assert type(lum.model.downs[1]) is fast_unet.FastEncoder and lum.model.downs[1].downsample
+    video = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    time = torch.rand(1, generator=torch.Generator().manual_seed(2))
+    cot = torch.randn(video.shape, generator=torch.Generator().manual_seed(7))
+    default = K.resize2x
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        model = lum if dtype == torch.float32 else copy.deepcopy(lum).double()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for forced in (False, True):
+            monkeypatch.setattr(K, 'resize2x', partial(default, deterministic=True) if forced else default)
+            v = video.to(dtype).requires_grad_()
+            with backend.record_choices() as seen:
+                out = model(v, time=time.to(dtype))
+            assert seen['resize2x'] == {'deterministic' if forced else 'reference'}
+            results[dtype, forced] = [out, *torch.autograd.grad(out, [v, *params], cot.to(dtype))]
+    assert sum(bool(g.abs().sum() > 0) for g in results[torch.float32, False][2:]) >= 3
+    for i, (a, b, a64, b64) in enumerate(zip(*(results[k] for k in [(torch.float32, True), (torch.float32, False),
+                                                                  (torch.float64, True), (torch.float64, False)]))):
+        assert_close_rel(a64, b64, 1e-12, what=f'#{i} (float64)')
+        if rel_err(a, b) > TOL[torch.float32]:
+            assert rel_err(a, b64) <= 2 * rel_err(b, b64) + 1e-7, f'#{i}: {rel_err(a, b64):.3g} vs {rel_err(b, b64):.3g}'
+
+
+@pytest.mark.skipif(not CUDA, reason='deterministic mode on CUDA needs a CUDA GPU')
+@pytest.mark.parametrize('up', [False, True], ids=['halve', 'double'])
+def test_resize2x_deterministic_mode_on_gpu(up, monkeypatch):
+    """On CUDA in deterministic mode the backward runs (F.interpolate's raises) and repeats bit for bit; under
+    autocast the output has F.interpolate's dtype (fp32: CUDA autocast's fp32 list)."""
+    monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    x = torch.randn(4, 64, 32, 32, device='cuda')
+    cot = torch.randn((4, 64, 64, 64) if up else (4, 64, 16, 16), device='cuda')
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        grads = []
+        for _ in range(2):
+            a = x.clone().requires_grad_()
+            with backend.record_choices() as seen:
+                out = K.resize2x(a, up)
+            assert seen == {'resize2x': {'deterministic'}}
+            grads.append(torch.autograd.grad(out, a, cot)[0])
+        assert torch.equal(*grads)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            got = K.resize2x(x.bfloat16(), up)
+            ref = K.resize2x_ref(x.bfloat16(), up)
+        assert got.dtype == ref.dtype == torch.float32
+        _assert_rounding(got, ref, torch.float32, 'autocast output')
+    finally:
+        torch.use_deterministic_algorithms(was)
+    b = x.clone().requires_grad_()
+    ref = K.resize2x_ref(b, up)
+    _assert_rounding(out, ref, torch.float32, 'output')
+    _assert_rounding(grads[0], torch.autograd.grad(ref, b, cot)[0], torch.float32, 'input grad')

@@ -229,9 +229,10 @@ def _step_grads(image_model, checkpoint_temporal: bool, device='cpu'):
 
 _CUDA_DETERMINISM = pytest.mark.xfail(
     raises=RuntimeError, strict=False,
-    reason="not yet run on a GPU; expected to raise until the bilinear resampling has a deterministic CUDA backward: "
-           "F.interpolate(mode='bilinear') in KarrasUnet's encoder/decoder resampling (and lumiere_fast's KarrasUnet "
-           "fast path) has none, so use_deterministic_algorithms(True) raises in backward, as PyTorch documents")
+    reason="expected to pass, not yet run on a GPU (so not strict): the bilinear resizes no longer raise in backward "
+           "- the fast image model's take ops.karras.resize2x's deterministic formulation (avg_pool2d; slices and "
+           "sums), and F.interpolate itself (torch 2.11 and 2.14) routes deterministic CUDA calls to a decomposition; "
+           "a RuntimeError left would be another op without a deterministic CUDA implementation")
 
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=[_CUDA_DETERMINISM, pytest.mark.skipif(

@@ -17,6 +17,9 @@ faster ``forward`` of the same signature. No module object is replaced, so the L
   ``torch.add(res, branch, alpha=)`` for the residual.
 * **Attention**: one pixel norm over q, k and v together, memory keys concatenated, ``ops.softmax_attention`` (SDPA)
   (upstream's einsum softmax, or its own SDPA call with ``flash=True``: the same math up to rounding).
+* **Resizes** (the encoder's downsample, the decoder's upsample): ``ops.karras.resize2x``, upstream's bilinear
+  ``F.interpolate``; in deterministic mode on CUDA the same 2x stencil as ops with a deterministic backward
+  (instead of ``F.interpolate``'s slow gather/index_put decomposition there).
 * ``checkpoint=True``: each encoder/decoder block's body runs under ``torch.utils.checkpoint`` (non-reentrant)
   when its input requires grad: the block's activations are recomputed in backward; same outputs and gradients.
 
@@ -214,8 +217,7 @@ def _build(ku) -> dict:
 
         def _fast_body(self, x, emb):
             if self.downsample:
-                h, w = x.shape[-2:]
-                x = F.interpolate(x, (h // 2, w // 2), mode='bilinear')
+                x = karras_ops.resize2x(x, up=False)
                 x = self.downsample_conv(x)
             res, h = karras_ops.pixel_norm_silu(x, self.pixel_norm.eps)
             return self._branch(h, res, emb)
@@ -223,8 +225,7 @@ def _build(ku) -> dict:
     class FastDecoder(_FastBlock, ku.Decoder):
         def _fast_body(self, x, emb):
             if self.upsample:
-                h, w = x.shape[-2:]
-                x = F.interpolate(x, (h * 2, w * 2), mode='bilinear')
+                x = karras_ops.resize2x(x, up=True)
             res = self.res_conv(x)
             return self._branch(F.silu(x), res, emb)
 

@@ -7,8 +7,16 @@ the conv that follows (or precedes); what is left for these ops is plain SiLU:
     pixel_norm_silu(x)    -> (y, silu(y)),  y = pixel_norm(x) over c    Encoder: the residual and block1's input
     scale_silu(x, scale)  -> silu(x * scale[b, c])                      the embedding modulation before block2
     mp_cat(a, b, t)       -> MPCat over c, in one write                 the decoder's skip concatenation
+    resize2x(x, up)       -> bilinear h/2 x w/2 or 2h x 2w              the encoder's downsample, the decoder's upsample
 
 (``mp_add`` needs no op: with the branch weight folded into the conv it is one ``torch.add(res, x, alpha=)``.)
+
+``resize2x`` is upstream's ``F.interpolate(mode='bilinear')`` except in deterministic mode on CUDA. There the
+native ``upsample_bilinear2d`` backward (atomics) would raise, so ``F.interpolate`` itself switches to a Python
+decomposition (4 gathers and lerps; backward: 4 sort-based ``index_put(accumulate=True)``): deterministic, but slow
+(on CPU 4x (halving) and 17x (doubling) the native forward + backward on (4, 32, 32, 32), measured). ``resize2x``
+runs the fixed 2x stencil instead, as ops whose CUDA backward is deterministic without a sort or atomics
+(``avg_pool2d``; slices, products and sums; plain PyTorch, no kernel of ours), within 1 ulp of the native kernel.
 
 Triton path (``lumiere_fast.kernels.karras``): forward and the input-gradient backward of each. The frozen image
 model needs input gradients only; a ``scale`` that requires grad gets its gradient from a PyTorch reduction in
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend
 from ._triton import (NAMESPACE, device_guard, differentiable_backward, eager_or_op, grid_1d, launch, new_output,
                       register_eager, use_triton)
 
@@ -48,6 +57,12 @@ def _check_cat(a: Tensor, b: Tensor) -> None:
     _check_images('mp_cat', b, 'b')
     if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
         raise ValueError(f'mp_cat: a {tuple(a.shape)} and b {tuple(b.shape)} must agree except in channels')
+
+
+def _check_resize(x: Tensor, up: bool) -> None:
+    _check_images('resize2x', x)
+    if not isinstance(up, bool):
+        raise TypeError(f'resize2x: expected up as a bool, got {type(up).__name__}')
 
 
 def mp_cat_coefficients(na: int, nb: int, t: float) -> tuple[float, float]:
@@ -87,6 +102,44 @@ def mp_cat_ref(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
     ca, cb = mp_cat_coefficients(a.shape[1], b.shape[1], t)
     coeff = torch.cat([a.new_full((a.shape[1],), ca), b.new_full((b.shape[1],), cb)])
     return torch.cat((a, b), dim=1) * coeff[:, None, None]
+
+
+def resize2x_ref(x: Tensor, up: bool) -> Tensor:
+    """b c h w -> b c 2h 2w (``up``) or b c h//2 w//2: upstream's ``F.interpolate(x, size, mode='bilinear')``
+    (align_corners=False), as its encoder and decoder call it."""
+    h, w = x.shape[-2:]
+    return F.interpolate(x, (h * 2, w * 2) if up else (h // 2, w // 2), mode='bilinear')
+
+
+def halve_exact(x: Tensor) -> Tensor:
+    """b c h w -> b c h/2 w/2 (h, w even): bilinear at scale 1/2 samples at 2i + 0.5, the mean of each 2x2 block,
+    which is ``avg_pool2d(x, 2)`` (its CUDA backward gathers: deterministic). Equal to ``F.interpolate`` up to the
+    order of the four-term sum (1 ulp; the input gradient, each output's gradient / 4 over its block, bit-equal:
+    measured on CPU). Odd h or w: the scale h / (h // 2) is not 2 and no fixed stencil exists."""
+    return F.avg_pool2d(x, 2)
+
+
+def _double_axis(x: Tensor, dim: int) -> Tensor:
+    """... n ... -> ... 2n ...: linear interpolation at scale 2 along ``dim``, align_corners=False, as PyTorch
+    computes it (source index 0.5 i - 0.25, clamped at 0 below, neighbour clamped at n - 1 above):
+    out[2i] = 0.25 x[i-1] + 0.75 x[i] (out[0] = x[0]), out[2i+1] = 0.75 x[i] + 0.25 x[i+1] (the last:
+    0.75 x[n-1] + 0.25 x[n-1]). Slices, products, sums, cat and stack only: each backward is a copy or a sum,
+    nothing scatters (replicate padding would: its native CUDA backward adds with atomics)."""
+    n = x.shape[dim]
+    lo, hi, last = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)
+    even = torch.cat((x.narrow(dim, 0, 1), lo * 0.25 + hi * 0.75), dim)
+    odd = torch.cat((lo * 0.75 + hi * 0.25, last * 0.75 + last * 0.25), dim)
+    shape = list(x.shape)
+    shape[dim] = 2 * n
+    return torch.stack((even, odd), dim + 1).reshape(shape)      # ... n 2 ... -> ... (n 2) ...
+
+
+def double_exact(x: Tensor) -> Tensor:
+    """b c h w -> b c 2h 2w: bilinear at scale 2 as two separable passes, w first then h (the order of PyTorch's
+    h0 * (w0 * x00 + w1 * x01) + h1 * (...)); fp16/bf16 in fp32, cast once, as PyTorch's kernels compute. Equal to
+    ``F.interpolate`` up to rounding (the kernels' fused multiply-adds: 1 ulp, measured)."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return _double_axis(_double_axis(x.to(acc), 3), 2).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ Triton launchers
@@ -317,3 +370,25 @@ def mp_cat(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
     if use_triton('mp_cat', pa, pb, supported=a.numel() > 0, autocast=False):
         return launch(_mp_cat_op, pa, pb, float(t))
     return mp_cat_ref(a, b, t)
+
+
+def resize2x(x: Tensor, up: bool, deterministic: bool | None = None) -> Tensor:
+    """b c h w -> b c 2h 2w (``up``) or b c h//2 w//2: upstream's bilinear resize (``resize2x_ref``).
+
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()`` on a CUDA tensor; True forces it,
+    for tests on CPU): the same stencil as ops with a deterministic backward (``double_exact``, ``halve_exact``).
+    A halving with odd h or w has no fixed stencil and keeps ``F.interpolate`` (in deterministic mode on CUDA its
+    decomposition, deterministic too; a KarrasUnet never meets one: its decoder's skip concatenation needs the
+    doubled size back). Recorded by ``record_choices()`` as ``'deterministic'`` or ``'reference'``."""
+    _check_resize(x, up)
+    if deterministic is None:
+        deterministic = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+    h, w = x.shape[-2:]
+    exact = x.is_floating_point() and x.numel() > 0 and (up or (h % 2 == 0 and w % 2 == 0))
+    if not (deterministic and exact):
+        backend.record('resize2x', 'reference')
+        return resize2x_ref(x, up)
+    backend.record('resize2x', 'deterministic')
+    if x.is_cuda and torch.is_autocast_enabled('cuda') and x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()       # CUDA autocast runs upsample_bilinear2d in fp32 (its fp32 list): the same dtype out
+    return double_exact(x) if up else halve_exact(x)
