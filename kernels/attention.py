@@ -250,7 +250,7 @@ def _attention_core_kernel(
         tl.store(lse_ptr + (n * HEADS + head) * P + p, m_i + tl.log(l_i), mask=valid)
 
 
-@triton.autotune(configs=_LINEAR_CONFIGS, key=['CI', 'CO'])
+@triton.autotune(configs=_LINEAR_CONFIGS, key=['CI', 'CO', 'P'])
 @triton.jit
 def _attention_linear_kernel(
         x_ptr, sx_n, sx_c, sx_h, sx_w,

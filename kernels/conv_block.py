@@ -96,7 +96,7 @@ def _silu_parts(y):
 # ---------------------------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K'])
+@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'P'])
 @triton.jit
 def _conv_block_mp_forward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
@@ -132,7 +132,7 @@ def _conv_block_mp_forward_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'])
+@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'P', 'FUSE_PROJ'])
 @triton.jit
 def _conv_block_forward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
@@ -194,7 +194,7 @@ def _proj_t_tile(g_ptr, sg_n, sg_c, g_pix, p_mask, n, C, wp_ptr, swp_o, swp_i, c
                       BLOCK_CI, PREC)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'], reset_to_zero=['dwp_ptr', 'dgain_ptr'])
+@triton.autotune(configs=_BWD_CONFIGS, key=['C', 'T', 'K', 'P', 'FUSE_PROJ'], reset_to_zero=['dwp_ptr', 'dgain_ptr'])
 @triton.jit
 def _conv_block_mp_backward_kernel(
         h_ptr, sh_n, sh_c, sh_h, sh_w,
@@ -251,11 +251,13 @@ def _conv_block_mp_backward_kernel(
                               BLOCK_C, BLOCK_CI, BLOCK_P, PREC) * (c_out * gain)
         tl.store(dy_ptr + own, (da * (dact * silu_scale)).to(dy_ptr.dtype.element_ty), mask=mask)
     if FUSE_PROJ:
-        tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :])
-        tl.atomic_add(dgain_ptr, tl.sum(tl.sum(dgain, axis=1), axis=0) * c_out)
+        # relaxed: these sums need atomicity, not ordering (the default acq_rel fences every add); the kernel's end
+        # makes them visible to the next launch
+        tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :], sem='relaxed')
+        tl.atomic_add(dgain_ptr, tl.sum(tl.sum(dgain, axis=1), axis=0) * c_out, sem='relaxed')
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'FUSE_PROJ'],
+@triton.autotune(configs=_FUSED_CONFIGS, key=['C', 'T', 'K', 'P', 'FUSE_PROJ'],
                  reset_to_zero=['dwp_ptr', 'dbp_ptr', 'dgamma_ptr'])
 @triton.jit
 def _conv_block_backward_kernel(
@@ -336,11 +338,11 @@ def _conv_block_backward_kernel(
         dy = tl.div_rn(tl.where(norm > eps, du - u * du_u, du), nrm)
         tl.store(dy_ptr + frame + own, dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if FUSE_PROJ:
-        tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :])
+        tl.atomic_add(dwp_ptr + c[:, None] * C + c[None, :], dwp, mask=c_mask[:, None] & c_mask[None, :], sem='relaxed')
     if DETERMINISTIC:
         row = tl.program_id(0).to(tl.int64) * C
         tl.store(dbp_ptr + row + c, tl.sum(dbp, axis=1), mask=c_mask)
         tl.store(dgamma_ptr + row + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)
     else:
-        tl.atomic_add(dbp_ptr + c, tl.sum(dbp, axis=1), mask=c_mask)
-        tl.atomic_add(dgamma_ptr + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask)
+        tl.atomic_add(dbp_ptr + c, tl.sum(dbp, axis=1), mask=c_mask, sem='relaxed')
+        tl.atomic_add(dgamma_ptr + c, tl.sum(dgamma, axis=1) * norm_scale, mask=c_mask, sem='relaxed')

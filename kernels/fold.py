@@ -38,7 +38,7 @@ def _folded_offset(b, t, c, p, P, s_n, s_c, s_t):
     return (b * P + p.to(tl.int64)) * s_n + c * s_c + t * s_t
 
 
-@triton.autotune(configs=CONFIGS, key=['Q', 'R', 'TILE_T', 'TO_FOLDED', 'HW_MERGED'])
+@triton.autotune(configs=CONFIGS, key=['Q', 'R', 'P', 'TILE_T', 'TO_FOLDED', 'HW_MERGED'])
 @triton.jit
 def _fold_frames_kernel(src, dst, T, W, P, Q, R,
                        f_bt, f_c, f_h, f_w,     # frames strides (source or destination)

@@ -34,7 +34,7 @@ MODE_INTERP_ADJ = 3
 
 # Autotune keys are the channel/time sizes and the variant only: the best tile depends on C (GEMM shape) and
 # not on batch or spatial size, which only change the number of programs.
-_KEY = ['C', 'T_SRC', 'T_OUT', 'MODE', 'NSRC']
+_KEY = ['C', 'T_SRC', 'T_OUT', 'P', 'MODE', 'NSRC']
 
 # Under the interpreter: tiles small enough that tests with C = 19 or h*w = 35 exercise the tails (several
 # channel and pixel tiles).

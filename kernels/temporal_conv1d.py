@@ -66,7 +66,7 @@ def silu(y):
     return y / (1. + tl.exp(-y))
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=['C_in', 'C_out', 'T', 'K', 'EPI'])
+@triton.autotune(configs=_CONV_CONFIGS, key=['C_in', 'C_out', 'T', 'K', 'P', 'EPI'])
 @triton.jit
 def _temporal_conv1d_kernel(
         x_ptr, sx_n, sx_c, sx_h, sx_w,
@@ -158,6 +158,6 @@ def _temporal_conv1d_weight_grad_kernel(
         if HAS_BIAS:
             tl.store(db_ptr + split.to(tl.int64) * C_out + co, dbias, mask=co_mask & (k == 0) & (cit == 0))
     else:
-        tl.atomic_add(dw_ptr + dw_off, acc, mask=co_mask[:, None] & ci_mask[None, :])
+        tl.atomic_add(dw_ptr + dw_off, acc, mask=co_mask[:, None] & ci_mask[None, :], sem='relaxed')
         if HAS_BIAS:
-            tl.atomic_add(db_ptr + co, dbias, mask=co_mask & (k == 0) & (cit == 0))
+            tl.atomic_add(db_ptr + co, dbias, mask=co_mask & (k == 0) & (cit == 0), sem='relaxed')

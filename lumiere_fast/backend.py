@@ -79,8 +79,8 @@ def triton_runnable(device: torch.device) -> bool:
 
 @contextmanager
 def record_choices():
-    """``with record_choices() as seen: ...`` collects ``{op: {'triton' | 'reference' | 'native', ...}}``: what
-    each op call in the block really ran (thread-local; nests)."""
+    """``with record_choices() as seen: ...`` collects ``{op: {'triton' | 'reference' | 'native' | 'deterministic',
+    ...}}``: what each op call in the block really ran (thread-local; nests)."""
     stack = getattr(_local, 'recorders', None)
     if stack is None:
         stack = _local.recorders = []
@@ -94,7 +94,8 @@ def record_choices():
 
 def record(op: str, choice: str) -> None:
     """Note in every active :func:`record_choices` that ``op`` ran ``choice`` (``'triton'``, ``'reference'``, or
-    ``'native'`` for an op with a C++/CUDA extension, which decides that itself)."""
+    ``'native'`` for an op with a C++/CUDA extension, which decides that itself; ``'deterministic'`` for a
+    plain-PyTorch formulation taken in deterministic mode, e.g. ``ops.karras.resize2x``)."""
     for seen in getattr(_local, 'recorders', ()):
         seen.setdefault(op, set()).add(choice)
 

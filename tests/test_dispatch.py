@@ -27,7 +27,8 @@ def device(request):
     """The device the kernels run on here (a parameter, so the test ids name it)."""
     return torch.device(request.param)
 
-NO_KERNEL = {'mp_weight'}     # a (c, c, k) weight normalisation, once per step: no kernel by design
+# no kernel by design: a (c, c, k) weight normalisation once per step; the image model's bilinear 2x resize
+NO_KERNEL = {'mp_weight', 'resize2x'}
 
 BLOCK_CASES = [('ConvolutionInflationBlock', {}), ('MPConvolutionInflationBlock', {}),
                ('AttentionInflationBlock', dict(heads=2, dim_head=8)),
@@ -318,3 +319,34 @@ def test_deterministic_mode_launches_no_atomics(guarded_launches, device, klass,
     for a, b, c in zip(first, second, atomic):
         assert torch.equal(a, b)
         assert_close_rel(a, c, TOL[torch.float32], 1e-7, what=f'{klass}: deterministic vs atomic')
+
+
+# ---------------------------------------------------------------------------------------------- host cost
+
+def test_autotuned_kernels_skip_the_autotuner_after_the_first_call(monkeypatch, device):
+    """``launch_tuned``: the first launch of a key goes through the autotuner, later ones launch the config it
+    chose straight through the JIT function (the autotuner's per-call dict and key building is host time)."""
+    import triton
+    from lumiere_fast.ops import _triton
+    monkeypatch.setattr(_triton, '_TUNED', {})
+    calls = []
+    original = triton.runtime.Autotuner.run
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.base_fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton.runtime.Autotuner, 'run', counting)
+    block = ours.MPConvolutionInflationBlock(dim=16).eval().to(device)
+    perturb_(block)
+    x = torch.randn(1, 16, 4, 2, 3, device=device)
+    with backend.use_backend('triton'), torch.no_grad():
+        first = block(x)
+        tuned = len(calls)
+        second = block(x)
+        again = len(calls) - tuned
+        third = block(torch.randn(1, 16, 6, 2, 3, device=device))        # another frame count: another key
+    assert tuned >= 1 and again == 0, calls
+    assert len(calls) > tuned, 'a new autotune key went through the autotuner'
+    assert torch.equal(first, second)
+    assert third.shape[2] == 6

@@ -20,8 +20,9 @@ the launcher / custom-op names per op; fold and unfold are each other's backward
 
 Kernels live in ``lumiere_fast.kernels.<op>`` (``kernels/<op>.py``, named ``_<op>_..._kernel``), and every op
 file imports them one way, lazily, inside the launchers: ``@cache def _kernels(): from ..kernels import <op> as
-k; return k`` (cached: an import statement per launch is a microsecond of host time). Lazy because under ``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is
-decorated, and because plain CPU users should not pay for importing Triton at all.
+k; return k`` (cached: an import statement per launch is a microsecond of host time). Lazy because under
+``TRITON_INTERPRET=1`` (CPU tests) Triton reads the variable when a kernel is decorated, and because plain CPU
+users should not pay for importing Triton at all. Autotuned kernels launch through ``launch_tuned``.
 """
 
 from __future__ import annotations
@@ -166,12 +167,15 @@ def _plain(flat) -> bool:
 _is_compiling = torch.compiler.is_compiling
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def launch(op, *args):
     """Run kernel op ``op`` on ``args`` (its custom op's arguments): through its eager autograd.Function when
-    nothing traces the call and every tensor is a plain tensor, else through the custom op."""
-    if EAGER and not _is_compiling() and not _function_mode_enabled() and not _dispatch_stack_len():
+    nothing traces or transforms the call (torch.compile, export, a dispatch or function mode, torch.func) and
+    every tensor is a plain tensor, else through the custom op."""
+    if (EAGER and not _is_compiling() and not _function_mode_enabled() and not _dispatch_stack_len()
+            and not _functorch_active()):
         if any(type(a) is list for a in args):
             lengths = tuple(len(a) if type(a) is list else -1 for a in args)
             flat = [t for a in args for t in (a if type(a) is list else (a,))]
@@ -234,6 +238,27 @@ class _EagerOp(torch.autograd.Function):
             else:
                 flat.extend(g if g is not None else [None] * n)
         return (*flat, None)
+
+
+_TUNED: dict = {}
+
+
+def launch_tuned(kernel, grid, key: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel, without the autotuner's per-call work after the
+    first call for ``key``: it rebuilds three dicts over every argument and a key holding each tensor's dtype
+    string on every launch (tens of arguments here: microseconds of host time, comparable to a coarse-level
+    kernel). The first call for ``key`` goes through the autotuner, which times its configs; later ones launch
+    the config it chose straight through the JIT function. ``key`` must determine what the autotune key does
+    (the sizes and flags it names and the dtype): configs only differ in speed, so a coarser key could cost time,
+    never correctness. A kernel without an autotuner (or a test's stand-in) is launched as it is."""
+    cached = _TUNED.get((kernel, key))
+    if cached is not None:
+        cached[0][grid](*args, **kwargs, **cached[1])
+        return
+    kernel[grid](*args, **kwargs)
+    best = getattr(kernel, 'best_config', None)
+    if best is not None and getattr(best, 'pre_hook', None) is None and hasattr(kernel, 'fn'):
+        _TUNED[(kernel, key)] = (kernel.fn, best.all_kwargs())
 
 
 def grid_1d(n_programs: int) -> tuple[int]:

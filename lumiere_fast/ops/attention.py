@@ -64,8 +64,8 @@ from torch import Tensor
 
 from .. import backend
 from ._triton import (NAMESPACE, autocast_inputs, cdiv, device_guard, differentiable_backward, dot_block,
-                      dot_precision, eager_or_op, grid_1d, launch, new_output, pow2, register_eager, target_programs,
-                      use_triton)
+                      dot_precision, eager_or_op, grid_1d, launch, launch_tuned, new_output, pow2, register_eager,
+                      target_programs, use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .mp_math import mp_add, mp_add_coeffs, pixel_norm
 from .temporal_conv1d import conv_weight_grad
@@ -264,7 +264,9 @@ def _linear_mp_add(kern, inp: Tensor, w: Tensor, res: Tensor | None, gain: Tenso
     co, p = w.shape[0], inp.shape[-2] * inp.shape[-1]
     out = new_output((n, co, *inp.shape[-2:]), inp)
     r = res if res is not None else out     # unused pointer without HAS_RES
-    kern._attention_linear_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(co, m['BLOCK_CO']))](
+    launch_tuned(
+        kern._attention_linear_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(co, m['BLOCK_CO'])),
+        (ci, co, p, inp.dtype, w.dtype),
         inp, *inp.stride(), w, w.stride(0), w.stride(1), r, *r.stride(), out,
         gain if gain is not None else out, bias if bias is not None else out, c_out, c_res, n, ci, co, p, width,
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_RES=res is not None,

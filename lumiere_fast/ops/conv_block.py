@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_guard, differentiable_backward, dot_block,
-                      dot_precision, eager_or_op, grid_1d, launch, new_output, register_eager, use_triton, zeros32)
+                      dot_precision, eager_or_op, grid_1d, launch, launch_tuned, new_output, register_eager, use_triton,
+                      zeros32)
 from .layout import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
 from .mp_math import MP_SILU_DIVISOR, mp_add, mp_add_coeffs, mp_silu
 from .temporal_conv1d import conv_frames, conv_weight_grad, flipped_weight
@@ -117,7 +118,9 @@ def _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain,
     with device_guard(h):
         if c <= kern.FUSE_MAX_C:
             block_c, block_ci = _blocks(c)
-            kern._conv_block_mp_forward_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']))](
+            launch_tuned(
+                kern._conv_block_mp_forward_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P'])),
+                (c, frames, k, p, h.dtype),
                 h, *h.stride(), residual, *residual.stride(), out, *out.stride(),
                 conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
                 gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
@@ -147,8 +150,10 @@ def _mp_temporal_conv_block_backward(grad, h, conv_weight, proj_weight, gain, ba
     act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = cdiv(c, block_c)
     with device_guard(h):
-        kern._conv_block_mp_backward_kernel[
-                lambda m: grid_1d(n * cdiv(cdiv(p, m['BLOCK_P']), m['TILES_PER_PROG']) * n_ct)](
+        launch_tuned(
+            kern._conv_block_mp_backward_kernel,
+            lambda m: grid_1d(n * cdiv(cdiv(p, m['BLOCK_P']), m['TILES_PER_PROG']) * n_ct),
+            (c, frames, k, p, fuse, h.dtype),
             h, *h.stride(), grad, *grad.stride(), d_res, dy, act,
             conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             gain, d_proj, d_gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
@@ -175,7 +180,9 @@ def _temporal_conv_block_forward(h, residual, conv_weight, conv_bias, gamma, pro
     block_c, block_ci = _blocks(c) if fuse else (kern.SPLIT_BLOCK_C, _blocks(c)[1])
     act = out if fuse else new_output(h.shape, h)
     with device_guard(h):
-        kern._conv_block_forward_kernel[lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * cdiv(c, block_c))](
+        launch_tuned(
+            kern._conv_block_forward_kernel, lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * cdiv(c, block_c)),
+            (c, frames, k, p, fuse, h.dtype),
             h, *h.stride(), residual, *residual.stride(), act, *act.stride(),
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1), proj_bias,
@@ -202,7 +209,9 @@ def _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_w
     d_proj_bias, d_gamma = zeros32(rows, c, like=h), zeros32(rows, c, like=h)
     with device_guard(h):
         # d_h doubles as the kernel's y scratch until the grad_h conv overwrites it
-        kern._conv_block_backward_kernel[lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * n_ct)](
+        launch_tuned(
+            kern._conv_block_backward_kernel, lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * n_ct),
+            (c, frames, k, p, fuse, h.dtype),
             h, *h.stride(), grad, *grad.stride(), d_res, dy, d_h, act,
             conv_weight, *conv_weight.stride(), conv_bias, gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1),

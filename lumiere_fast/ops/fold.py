@@ -18,7 +18,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._triton import NAMESPACE, cdiv, device_guard, grid_1d, launch, new_output, register_eager, use_triton
+from ._triton import (NAMESPACE, cdiv, device_guard, grid_1d, launch, launch_tuned, new_output, register_eager,
+                      use_triton)
 
 LAYOUTS = {
     'c t': ('(b t) c h w -> (b h w) c t', '(b h w) c t -> (b t) c h w'),
@@ -94,7 +95,8 @@ def _launch(frames: Tensor, folded: Tensor, batch: int, layout: str, to_folded: 
         return grid_1d(batch * r * cdiv(q, meta['BLOCK_Q']) * cdiv(p, meta['BLOCK_P']))
 
     with device_guard(frames):
-        _kernels()._fold_frames_kernel[grid](
+        launch_tuned(
+            _kernels()._fold_frames_kernel, grid, (q, r, p, tile_t, to_folded, hw_merged, frames.dtype),
             frames if to_folded else folded, folded if to_folded else frames,
             t, w, p, q, r,
             s_bt, s_c, s_h, s_w, *_folded_strides(folded, layout),

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import (NAMESPACE, autocast_inputs, cdiv, device_guard, differentiable_backward, dot_precision,
-                      eager_or_op, grid_1d, launch, new_output, register_eager, target_programs, use_triton)
+                      eager_or_op, grid_1d, launch, launch_tuned, new_output, register_eager, target_programs,
+                      use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .layout import frames_as_time_major, time_major_as_frames
 
@@ -122,7 +123,8 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
         return grid_1d(batch * t_out * cdiv(p, meta['BLOCK_P']) * cdiv(c, meta['BLOCK_CO']))
 
     with device_guard(src):
-        _kernels()._resample_kernel[grid](
+        launch_tuned(
+            _kernels()._resample_kernel, grid, (c, t_src, t_out, p, kmode, nsrc, src.dtype, w.dtype),
             src, w, bias if bias is not None else w, y,
             c, t_src, t_out, t_mid, p, wd, float(scale),
             *src.stride(), *w_strides, *y.stride(),
@@ -203,7 +205,8 @@ def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, batch: int, mode: str,
         return grid_1d(n_split * 3 * cdiv(c, meta['BLOCK_CO']) * cdiv(c, meta['BLOCK_CI']))
 
     with device_guard(x):
-        _kernels()._resample_weight_grad_kernel[grid](
+        launch_tuned(
+            _kernels()._resample_weight_grad_kernel, grid, (c, t, t_out, p, kmode, nsrc, x.dtype, grad.dtype),
             x, grad, part, part_b,
             c, t, t_out, t_mid, p, wd, float(scale),
             batch * t_out, cdiv(batch * t_out, split_bj), p_per, split_p,

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import backend
 from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_guard, differentiable_backward,
-                      dot_block, dot_precision, eager_or_op, grid_1d, launch, new_output, register_eager,
+                      dot_block, dot_precision, eager_or_op, grid_1d, launch, launch_tuned, new_output, register_eager,
                       target_programs, use_triton, zeros32)
 from .extension import cpu_native_wins, native_supported, native_temporal_conv1d
 from .layout import frames_as_time_major, time_major_as_frames
@@ -111,11 +111,14 @@ def conv_frames(x: Tensor, w: Tensor, out: Tensor, frames: int, epilogue: str = 
     n, c_in, _, width = x.shape
     c_o, taps, p = w.shape[0], w.shape[-1], x.shape[-2] * x.shape[-1]
     r = residual if residual is not None else out       # unused pointer arguments: the epilogue decides
-    k._temporal_conv1d_kernel[lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(c_o, m['BLOCK_C']))](
+    epi = getattr(k, f'EPI_{epilogue.upper()}')
+    launch_tuned(
+        k._temporal_conv1d_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * cdiv(c_o, m['BLOCK_C'])),
+        (c_in, c_o, frames, taps, p, epi, x.dtype, w.dtype, out.dtype),
         x, *x.stride(), w, w.stride(0), w.stride(1), w.stride(2), r, *r.stride(), out, *out.stride(),
         bias if bias is not None else out, gain if gain is not None else out, c_out, c_res, silu_scale,
         n, frames, c_in, c_o, p, width, taps, taps // 2,
-        EPI=getattr(k, f'EPI_{epilogue.upper()}'), PREC=dot_precision(x), BLOCK_CI=dot_block(c_in, 32))
+        EPI=epi, PREC=dot_precision(x), BLOCK_CI=dot_block(c_in, 32))
     return out
 
 
