@@ -22,12 +22,10 @@ max_memory_allocated over one step after a reset, model, optimizer state and one
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from harness import (compile_fresh, compiled_or_skip, describe, device_or_skip, rounds, run_benchmark,
+from harness import (compile_fresh, compiled_or_skip, describe, device_or_skip, no_tf32, rounds, run_benchmark,
                       upstream_or_skip)
 
 CONFIGS = {
@@ -67,19 +65,8 @@ def bench_lumiere(benchmark, impl, phase, family, config, dtype_name):
     dtype = getattr(torch, dtype_name)
     autocast = dtype != torch.float32
     train = phase == 'train step'
-    with _no_tf32(device):       # fp32 means fp32 for every impl (restored after: other files keep the defaults)
+    with no_tf32(device):        # fp32 means fp32 for every impl (restored after: other files keep the defaults)
         _bench_lumiere(benchmark, impl, phase, family, config, cfg, device, dtype, autocast, train)
-
-
-@contextlib.contextmanager
-def _no_tf32(device):
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _bench_lumiere(benchmark, impl, phase, family, config, cfg, device, dtype, autocast, train):

@@ -56,6 +56,7 @@ E2E_ARGS=(benchmarks -k 'bench_lumiere and train and MPLumiere and karras64-bflo
 OPS_K='cuda and ((bench_fold and fold-ct and C384-32x32)'
 OPS_K+=' or (bench_block and forward+backward and C384-32x32 and (MPConvolutionInflationBlock or MPTemporalDownsample or MPTemporalUpsample))'
 OPS_K+=' or (bench_attention and forward+backward and MPAttentionInflationBlock and C768-8x8-T16-B2)'
+OPS_K+=' or (bench_core and forward+backward and C384-32x32 and MPConvolutionInflationBlock)'
 OPS_K+=' or (bench_conv1d and fwd+bwd and C384-32x32)'
 OPS_K+=' or (bench_host_overhead and (mp_temporal_conv_block or mp_temporal_attention_block or mp_temporal_downsample)))'
 OPS_ARGS=(benchmarks -k "$OPS_K")
