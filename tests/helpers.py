@@ -45,6 +45,17 @@ def assert_close_rel(ours, ref, rtol=1e-5, atol=0., what=''):
 
 
 @torch.no_grad()
+# no kernel by design: a (c, c, k) weight normalisation once per step; the image model's bilinear 2x resize
+NO_KERNEL = frozenset({'mp_weight', 'resize2x'})
+
+
+def assert_kernels_only(seen, what=''):
+    """Every op recorded by ``backend.record_choices()`` that has a kernel ran it, and only it."""
+    assert seen, f'{what}: no op recorded'
+    bad = {op: c for op, c in seen.items() if op not in NO_KERNEL and c != {'triton'}}
+    assert not bad, f'{what}: ops not on their kernel: {bad} (all: {seen})'
+
+
 def perturb_(module: torch.nn.Module, scale: float = 0.3, generator=None):
     """Move every parameter off its init (zero-init projections and gains included), at its own scale."""
     for p in module.parameters():

@@ -16,7 +16,7 @@ import torch
 
 import lumiere_fast as ours
 from lumiere_fast import backend
-from helpers import SMALL_UNET_NAMES, TOL, assert_close_rel, perturb_, small_unet
+from helpers import SMALL_UNET_NAMES, TOL, assert_close_rel, assert_kernels_only, perturb_, small_unet
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LOW = torch.bfloat16 if DEVICE == 'cuda' else torch.float16      # the autocast dtype of these tests
@@ -27,20 +27,12 @@ def device(request):
     """The device the kernels run on here (a parameter, so the test ids name it)."""
     return torch.device(request.param)
 
-# no kernel by design: a (c, c, k) weight normalisation once per step; the image model's bilinear 2x resize
-NO_KERNEL = {'mp_weight', 'resize2x'}
 
 BLOCK_CASES = [('ConvolutionInflationBlock', {}), ('MPConvolutionInflationBlock', {}),
                ('AttentionInflationBlock', dict(heads=2, dim_head=8)),
                ('MPAttentionInflationBlock', dict(heads=2, dim_head=8, num_mem_kv=2)),
                ('TemporalDownsample', {}), ('TemporalUpsample', {}), ('MPTemporalDownsample', {}),
                ('MPTemporalUpsample', {})]
-
-
-def _assert_kernels_only(seen, what):
-    assert seen, f'{what}: no op recorded'
-    bad = {op: c for op, c in seen.items() if op not in NO_KERNEL and c != {'triton'}}
-    assert not bad, f'{what}: ops not on their kernel under autocast: {bad} (all: {seen})'
 
 
 def _outputs(model, x, **cond):
@@ -67,7 +59,7 @@ def test_blocks_take_their_kernels_under_autocast(device, klass, kw):
     with backend.use_backend('triton'), backend.record_choices() as seen, \
             torch.autocast(device.type, dtype=LOW):
         got, params = _outputs(block, x)
-    _assert_kernels_only(seen, klass)
+    assert_kernels_only(seen, klass)
     assert all(g.dtype == p.dtype for g, p in zip(got[2:], params)), 'parameter grads in the parameters\' dtype'
     for i, (a, b) in enumerate(zip(got, ref)):
         assert_close_rel(a.float(), b, TOL[LOW], 1e-3 * b.norm().item() + 1e-6, what=f'{klass} output {i}')
@@ -88,7 +80,7 @@ def test_whole_wrappers_take_every_kernel_under_autocast(device, family):
     with backend.use_backend('triton'), backend.record_choices() as seen, \
             torch.autocast(device.type, dtype=LOW):
         got, _ = _outputs(model, x, time=time)
-    _assert_kernels_only(seen, f'{family}Lumiere')
+    assert_kernels_only(seen, f'{family}Lumiere')
     temporal = {'temporal_conv_block', 'temporal_attention_block', 'temporal_downsample', 'temporal_upsample'}
     if family:
         temporal = {f'mp_{op}' for op in temporal}

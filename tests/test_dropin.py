@@ -16,7 +16,7 @@ from torch import nn
 
 import lumiere_fast as ours
 from lumiere_fast import backend
-from helpers import assert_close_rel, perturb_, rel_err, small_unet
+from helpers import assert_close_rel, assert_kernels_only, perturb_, rel_err, small_unet
 from test_parity import _compare_lumiere, _lumiere_pair
 
 upstream = pytest.importorskip('lumiere_pytorch', reason='drop-in tests need lumiere-pytorch==0.0.24 (the test extra)')
@@ -80,7 +80,7 @@ def test_upstream_final_readme_example_on_triton(readme_unet, family):
     with backend.use_backend('triton'), backend.record_choices() as seen:
         out = o(video, time=time)
         out.backward(torch.ones_like(out))
-    assert seen and all(choices == {'triton'} for op, choices in seen.items() if op != 'mp_weight'), seen
+    assert_kernels_only(seen, f'{family}Lumiere')
     assert_close_rel(out, ref, 1e-4, what='triton output')
     ref.backward(torch.ones_like(ref))
     for (name, a), b in zip(o.named_parameters(), u.parameters()):
@@ -364,7 +364,7 @@ def test_bf16_under_the_interpreter_takes_the_reference(klass, kw):
         ref = block(x)
         with backend.use_backend('triton'), backend.record_choices() as seen:
             out = block.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert seen and all(c == {'reference'} for c in seen.values()), seen
+    assert seen and all(c == {'reference'} for c in seen.values()), {k: v for k, v in seen.items() if v != {"triton"}}
     assert_close_rel(out.float(), ref, 2e-2, what='bf16 vs fp32')
 
 
@@ -429,10 +429,6 @@ def test_gradient_penalty_through_mp_lumiere():
 # Under the interpreter (fp32): every op records 'triton', and a gradient penalty's gradients equal the reference
 # backend's. (Before: "Trying to backward through ..." / wrong zeros from the non-differentiable backward ops.)
 
-def _assert_all_triton(seen, what):
-    """Every op with a kernel ran it (mp_weight, a (c, c, k) weight normalisation, has none)."""
-    assert seen and all(c == {'triton'} for op, c in seen.items() if op != 'mp_weight'), f'{what}: {seen}'
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the interpreter runs only without a GPU here')
 @pytest.mark.parametrize('klass,kw', BLOCK_CASES, ids=[k for k, _ in BLOCK_CASES])
@@ -446,7 +442,7 @@ def test_double_backward_through_the_kernels(klass, kw):
         ref = _penalty_grads(o, x, params)
     with backend.use_backend('triton'), backend.record_choices() as seen:
         got = _penalty_grads(o, x, params)
-    _assert_all_triton(seen, klass)
+    assert_kernels_only(seen, klass)
     scale = max(g.norm().item() for g in ref if g is not None)
     for n, a, b in zip(['input', *[n for n, _ in o.named_parameters()]], got, ref):
         if b is None:
@@ -488,7 +484,7 @@ def test_double_backward_through_each_op_kernel(op):
         ref = penalty(*args)
     with backend.use_backend('triton'), backend.record_choices() as seen:
         got = penalty(*args)
-    _assert_all_triton(seen, op)
+    assert_kernels_only(seen, op)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert_close_rel(a, b, 1e-5, 1e-7, what=f'{op} penalty grad of input {i}')
 
@@ -523,7 +519,7 @@ def test_gradient_penalty_through_mp_lumiere_on_the_kernels():
         ref = _penalty_grads(lambda v: model(v, time=time), x, params)
     with backend.use_backend('triton'), backend.record_choices() as seen:
         got = _penalty_grads(lambda v: model(v, time=time), x, params)
-    assert seen and 'triton' in set().union(*seen.values()), seen
+    assert seen and 'triton' in set().union(*seen.values()), {k: v for k, v in seen.items() if v != {"triton"}}
     scale = max(g.norm().item() for g in ref if g is not None)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert_close_rel(a, b, 1e-4, 1e-6 * scale, what=f'MPLumiere penalty grad {i}')
