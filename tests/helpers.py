@@ -44,7 +44,6 @@ def assert_close_rel(ours, ref, rtol=1e-5, atol=0., what=''):
         f'{what}: |diff| {diff:.3g} > {rtol:g} * |ref| {ref_norm:.3g} + {atol:.3g} (relative {rel_err(ours, ref):.3g})'
 
 
-@torch.no_grad()
 # no kernel by design: a (c, c, k) weight normalisation once per step; the image model's bilinear 2x resize
 NO_KERNEL = frozenset({'mp_weight', 'resize2x'})
 
@@ -56,6 +55,7 @@ def assert_kernels_only(seen, what=''):
     assert not bad, f'{what}: ops not on their kernel: {bad} (all: {seen})'
 
 
+@torch.no_grad()
 def perturb_(module: torch.nn.Module, scale: float = 0.3, generator=None):
     """Move every parameter off its init (zero-init projections and gains included), at its own scale."""
     for p in module.parameters():
