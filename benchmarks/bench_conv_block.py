@@ -25,6 +25,26 @@ Core bytes (minimal, parameters not counted, s = element size): forward reads h 
 3 N C s; forward+backward adds a backward that reads the output's gradient and h (the conv recomputed or its
 activation saved: one tensor either way) and writes the gradients of h and x, 7 N C s in all. Core FLOPs: the
 block's (above).
+
+Prediction (H100, bf16, B=2, T=16: 3.35 TB/s HBM, ~790 TFLOP/s dense bf16), core forward at the KarrasUnet
+levels: N = B T H W, FLOPs 2 N C (3 C) + 2 N C C, minimal bytes 3 N C s:
+
+    C    HxW    GFLOP  MMA us  MB     HBM us | non-MP programs, before -> now (frame axis)
+    192  64x64  38.7   48.9    151.0  45.1   |  384 -> 6144  (BLOCK_P = 64; the conv: 32 frames x tiles)
+    384  32x32  38.7   48.9     75.5  22.5   |  192 -> 3072
+    768  16x16  38.7   48.9     37.7  11.3   |   96 -> 1536
+    768  8x8     9.7   12.2      9.4   2.8   |   24 ->  384  (before: 24 of 132 SMs ran the whole conv, >= 5.5x
+                                                              the MMA bound; now the frame-parallel conv and norm)
+    128  8x8     0.27   0.34     1.6   0.5   |    2 ->   32  (fused: a 128-channel block of a smaller U-Net)
+
+Every level here has C > 128 = FUSE_MAX_C, so the cores run the split path: the temporal GEMMs are the temporal
+conv1d's kernel (kernels/temporal_conv1d.py, its own configs) on the packed [k, co, ci] weight, and the conv
+block's kernels do the norm / activation stages frame-parallel. The fused kernels' 128 x 128 tiles (BLOCK_C = C
+up to 128, BLOCK_P = 128, BLOCK_CI = 64) apply at C <= 128: per k-step a 128x128x64 tile reads 128 x 64 packed
+weights and 64 x 128 inputs for 2 x 128 x 128 x 64 FLOPs, 64 FLOP per byte of shared memory against 32 for
+64x64x64 (and 43 for 128x64x64 at 8x8, where a 128-pixel tile would be half masked: the key names P). The packed
+weight turns each tile row into 128-byte contiguous runs (before: 2-byte loads at stride 6 bytes, a third of
+each 32-byte sector). Unmeasured: no GPU in the session that wrote this.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ source frames:
     MODE_INTERP_ADJ  the input-gradient of MODE_INTERP: sum_m A[m, j] * g[m - 1 + k] over the NSRC
                      interpolated frames m whose blend touches input frame j (A = the interpolation matrix)
 
-The backward for the input of DOWN is UP (and vice versa) with the weight taps transposed; the launcher passes
-weight strides, so transposition (and the ConvTranspose1d (c_in, c_out, k) layout) costs nothing here.
+The backward for the input of DOWN is UP (and vice versa) with the weight taps transposed. The launcher packs the
+weight once per call as W_k[co, ci] in a contiguous [3, co, ci] buffer of the compute dtype (transposition, the
+ConvTranspose1d (c_in, c_out, k) layout and tap flips happen in the pack), so w_i == 1 and each row of a weight tile
+is one contiguous run (16-byte vector loads) instead of 2-byte loads at stride 3.
 
 All tensors are frames ``(b t) c h w`` with arbitrary strides: the fold to time-major happens in the pointer
 math (frame * s_f + channel * s_c + h * s_h + w * s_w), never as a copy.
@@ -32,8 +34,9 @@ MODE_UP = 1
 MODE_INTERP = 2
 MODE_INTERP_ADJ = 3
 
-# Autotune keys are the channel/time sizes and the variant only: the best tile depends on C (GEMM shape) and
-# not on batch or spatial size, which only change the number of programs.
+# Autotune keys: the channel/time sizes, the pixel count and the variant. The best tile depends on C (the GEMM
+# shape) and on P (a 128-pixel tile is half masked at 8x8, and at the coarse levels a smaller tile gives the
+# grid enough programs); the batch only scales the number of programs.
 _KEY = ['C', 'T_SRC', 'T_OUT', 'P', 'MODE', 'NSRC']
 
 # Under the interpreter: tiles small enough that tests with C = 19 or h*w = 35 exercise the tails (several
@@ -46,6 +49,8 @@ GEMM_CONFIGS = configs([
     triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
     triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 32, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
     triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
+    # the full tensor-core tile: 128 x 128 outputs, 64-wide reduction steps (see bench_resample.py's numbers)
+    triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 128}, num_warps=8, num_stages=2),
 ], _INTERPRET_CONFIGS)
 DW_CONFIGS = configs([
     triton.Config({'BLOCK_CO': 16, 'BLOCK_CI': 16, 'BLOCK_P': 128}, num_warps=4, num_stages=2),
@@ -53,6 +58,8 @@ DW_CONFIGS = configs([
     triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=4, num_stages=3),
     triton.Config({'BLOCK_CO': 64, 'BLOCK_CI': 64, 'BLOCK_P': 128}, num_warps=8, num_stages=3),
     triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 64, 'BLOCK_P': 64}, num_warps=8, num_stages=3),
+    # 128 x 128 (co, ci) outputs, 64 pixels a reduction step
+    triton.Config({'BLOCK_CO': 128, 'BLOCK_CI': 128, 'BLOCK_P': 64}, num_warps=8, num_stages=2),
 ], _INTERPRET_CONFIGS)
 
 

@@ -106,9 +106,12 @@ def _ref(op, h, x, params, b, mp_add_t=0.3):
     return cb.temporal_conv_block_ref(h, x, *params, b)
 
 
-def _check(op, b, t, c, H, W, k, dtype=torch.float32, layout='contiguous', mp_add_t=0.3, grad_layout='contiguous'):
+def _check(op, b, t, c, H, W, k, dtype=torch.float32, layout='contiguous', mp_add_t=0.3, grad_layout='contiguous',
+           weight_t=False):
     h, x = _frames(b, t, c, H, W, dtype, layout), _frames(b, t, c, H, W, dtype, 'slice')
     params = _params(op, c, k, dtype)
+    if weight_t:        # the conv weight a transposed view, strides (k, c k, 1): the pack reads it as it is
+        params[0] = params[0].transpose(0, 1)
     leaves = [v.detach().requires_grad_(True) for v in (h, x, *params)]
     with backend.use_backend('triton'), backend.record_choices() as seen:
         out = _call(op, leaves[0], leaves[1], leaves[2:], b, mp_add_t)
@@ -126,7 +129,7 @@ def _check(op, b, t, c, H, W, k, dtype=torch.float32, layout='contiguous', mp_ad
     names = ['h', 'residual'] + (['conv_weight', 'proj_weight', 'gain'] if op == MP else
                                  ['conv_weight', 'conv_bias', 'gamma', 'proj_weight', 'proj_bias'])
     for name, g, r in zip(names, grads, ref_grads):
-        assert g.dtype == dtype and g.shape == r.shape, name
+        assert g.dtype == dtype and g.shape == r.shape, name     # weight grads in the weight's own layout
         assert_close_rel(g.float(), r, tol, floor, what=f'{op} grad {name}')
 
 
@@ -165,6 +168,108 @@ def test_split_path(op, monkeypatch):
 def test_mp_add_t_extremes():
     _check(MP, 1, 3, 5, 2, 3, 3, mp_add_t=0.)
     _check(MP, 1, 3, 5, 2, 3, 3, mp_add_t=1.)
+
+
+# Against the frame-parallel grids, the packed weights and the 64-wide reduction block: C = 65 (forward fused with
+# a 1-channel tail past 64, backward split), C = 130 (split both ways: C > FUSE_MAX_C, 2-channel tails past 128 and
+# past the 64-wide BLOCK_CI), a large batch of 2-frame clips, T = 1 at one pixel, odd T with K = 5 > T.
+EDGE_SHAPES = [(1, 3, 65, 2, 3, 3), (1, 2, 130, 1, 3, 3), (9, 2, 5, 1, 3, 3), (3, 1, 7, 1, 1, 3), (2, 3, 3, 1, 2, 5)]
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('shape', EDGE_SHAPES)
+def test_edge_shapes(op, shape):
+    _check(op, *shape)
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_transposed_conv_weight(op, dtype):
+    """A conv weight that is a transposed view (and fp16): the pack reads it through its strides, and its
+    gradient comes back in its (c, c, k) shape and dtype."""
+    _check(op, 2, 3, 19, 2, 3, 3, dtype=dtype, layout='permuted', weight_t=True)
+
+
+def test_packed_weight_layout():
+    """``weight_pack.packed``: an (o, i, k) view of a contiguous [k, o, i] buffer in the asked dtype (in-channel
+    stride 1), equal to the weight, its transpose, its tap flip; any input strides."""
+    from lumiere_fast.ops import weight_pack
+    w = torch.randn(5, 7, 3)
+    p = weight_pack.packed(w, torch.float16)
+    assert p.dtype == torch.float16 and p.shape == (5, 7, 3) and p.stride() == (7, 1, 35)
+    assert p.permute(2, 0, 1).is_contiguous() and torch.equal(p, w.half())
+    sq = torch.randn(6, 6, 5).transpose(0, 1)
+    for transpose in (False, True):
+        for flip in (False, True):
+            want = sq.transpose(0, 1) if transpose else sq
+            want = want.flip(-1) if flip else want
+            got = weight_pack.packed(sq, torch.float32, transpose=transpose, flip=flip)
+            assert got.stride() == (6, 1, 36) and torch.equal(got, want)
+    leaf = torch.randn(4, 4, 3, requires_grad=True)
+    assert not weight_pack.packed(leaf, torch.float32).requires_grad     # no autograd through the pack
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_in_place_weight_updates_are_seen_and_packs_do_not_outlive_the_call(op, monkeypatch):
+    """Packing is once per call, never cached across calls: after an optimizer step and after an in-place add
+    under no_grad the next call computes with the new values (forward and every gradient equal the reference's),
+    and no pack outlives its call (nothing accumulates over steps)."""
+    import gc
+    import weakref
+    from lumiere_fast.ops import weight_pack
+    packs = []
+
+    def tracked(*args, **kwargs):
+        pack = weight_pack.packed(*args, **kwargs)
+        packs.append(weakref.ref(pack))
+        return pack
+
+    monkeypatch.setattr(cb, 'packed', tracked)
+    b, t, c, H, W, k = 2, 3, 5, 2, 3, 3
+    h, x = _frames(b, t, c, H, W, torch.float32), _frames(b, t, c, H, W, torch.float32)
+    params = [v.requires_grad_(True) for v in _params(op, c, k, torch.float32)]
+    cot = _frames(b, t, c, H, W, torch.float32)
+    opt = torch.optim.SGD(params, lr=0.1)
+    for step in range(3):
+        with backend.use_backend('triton'), backend.record_choices() as seen:
+            out = _call(op, h, x, params, b)
+            grads = torch.autograd.grad(out, params, cot)
+        assert seen == {op: {'triton'}}
+        ref_params = [v.detach().clone().requires_grad_(True) for v in params]
+        ref = _ref(op, h, x, ref_params, b)
+        assert_close_rel(out, ref, TOL[torch.float32], what=f'step {step} output')
+        for g, r in zip(grads, torch.autograd.grad(ref, ref_params, cot)):
+            assert_close_rel(g, r, TOL[torch.float32], 1e-7, what=f'step {step} grad')
+        for v, g in zip(params, grads):
+            v.grad = g
+        opt.step()
+        with torch.no_grad():
+            params[0].add_(0.1 * torch.randn_like(params[0]))
+        del out, grads
+    gc.collect()
+    assert packs and all(r() is None for r in packs), 'a pack outlived its call'
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_poison_catches_an_unwritten_tile(op, monkeypatch):
+    """The NaN poisoning works on the frame-parallel grids: one program short and the last frame shows NaNs."""
+    monkeypatch.setattr(cb, 'grid_1d', lambda n: (max(1, n - 1),))
+    h, x = _frames(2, 3, 5, 2, 3, torch.float32), _frames(2, 3, 5, 2, 3, torch.float32)
+    with torch.no_grad(), backend.use_backend('triton'):
+        out = _call(op, h, x, _params(op, 5, 3, torch.float32), 2)
+    assert torch.isnan(out[-1]).any() and not torch.isnan(out[:-1]).any()
+
+
+@pytest.mark.parametrize('op', [MP, NON_MP])
+def test_deterministic_mode(op):
+    """``torch.use_deterministic_algorithms(True)``: the split backward with per-program partials (one row per
+    frame-parallel program) equals the reference."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(op, 2, 3, 19, 2, 3, 3)
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @pytest.mark.filterwarnings('ignore:LUMIERE_FAST_BACKEND=triton:RuntimeWarning')    # the forced fallback's notice
@@ -311,25 +416,34 @@ def test_past_int32_offsets_gpu():
 _COMPILE_CALLS = r'''
 from lumiere_fast.kernels import conv_block as K
 # What the launchers (ops/conv_block.py) launch: the fused kernels with BLOCK_C = dot_block(c) up to FUSE_MAX_C
-# (forward) / BWD_FUSE_MAX_C (backward), the split ones with SPLIT_BLOCK_C; BLOCK_CI = dot_block(c, 32). Every
-# autotune config in bf16 (autocast: every data pointer bf16); fp32 with 'ieee' dots (cudnn.allow_tf32 off: the
-# widest register tiles) and fp16 on the first config (ptxas on fp32 FMA tiles takes ~5 s each); norms exact.
+# (forward) / BWD_FUSE_MAX_C (backward), the split ones with SPLIT_BLOCK_C; BLOCK_CI = dot_block(c, 64), the widest
+# (64) here. Conv weights packed (ops/weight_pack.py): the in-channel stride swc_i is 1, which Triton specialises
+# into a constant as a run does. Every autotune config in bf16 (autocast: every data pointer bf16); fp32 with
+# 'ieee' dots (cudnn.allow_tf32 off: the widest register tiles) and fp16 on the first config (ptxas on fp32 FMA
+# tiles takes ~5 s each); norms exact. Every grid has a frame axis: the grid is not part of a compile, the frame
+# index is decoded from program_id(0) (unravel4 in the non-MP kernels), compiled here with the rest.
 def each(kernel, consts, exact=()):
     for i, cfg in enumerate(kernel.configs):
         for dt in ('bf16', 'fp32', 'fp16') if i == 0 else ('bf16',):
             compile_for_h100(kernel, dict(consts, PREC='ieee', **cfg.kwargs), dt=dt, warps=cfg.num_warps,
                              stages=cfg.num_stages, exact=exact)
-each(K._conv_block_mp_forward_kernel, dict(BLOCK_C=K.FUSE_MAX_C, BLOCK_CI=32))
+PACKED = dict(swc_i=1)
+each(K._conv_block_mp_forward_kernel, dict(PACKED, BLOCK_C=K.FUSE_MAX_C, BLOCK_CI=64))
 for fuse, block_c in ((True, K.FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
-    each(K._conv_block_forward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32), exact=('sqrt', 'div'))
+    each(K._conv_block_forward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c), exact=('sqrt', 'div'))
 for fuse, block_c in ((True, K.BWD_FUSE_MAX_C), (False, K.SPLIT_BLOCK_C)):
-    each(K._conv_block_mp_backward_kernel, dict(FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=32))
-    each(K._conv_block_backward_kernel, dict(FUSE_PROJ=fuse, DETERMINISTIC=False, BLOCK_C=block_c, BLOCK_CI=32),
+    each(K._conv_block_mp_backward_kernel, dict(PACKED, FUSE_PROJ=fuse, BLOCK_C=block_c, BLOCK_CI=64))
+    each(K._conv_block_backward_kernel, dict(FUSE_PROJ=fuse, DETERMINISTIC=False, BLOCK_C=block_c, BLOCK_CI=64),
          exact=('sqrt', 'div'))
 # deterministic mode: never fused, partial stores instead of atomics (first config)
 compile_for_h100(K._conv_block_backward_kernel, dict(FUSE_PROJ=False, DETERMINISTIC=True, BLOCK_C=K.SPLIT_BLOCK_C,
-                 BLOCK_CI=32, PREC='ieee', **K._conv_block_backward_kernel.configs[0].kwargs), dt='bf16',
+                 BLOCK_CI=64, PREC='ieee', **K._conv_block_backward_kernel.configs[0].kwargs), dt='bf16',
                  warps=K._conv_block_backward_kernel.configs[0].num_warps, exact=('sqrt', 'div'))
+# the norm backward: fixed blocks, no dot
+nb_c, nb_p, nb_warps = K.NORM_BWD_BLOCKS
+for dt in ('bf16', 'fp32', 'fp16'):
+    compile_for_h100(K._conv_block_norm_backward_kernel, dict(BLOCK_C=nb_c, BLOCK_P=nb_p), dt=dt, warps=nb_warps,
+                     exact=('sqrt', 'div'))
 '''
 F32_BUFFERS = {'dwp_ptr', 'dgain_ptr', 'dbp_ptr', 'dgamma_ptr'}
 FLOATS = {'c_out', 'c_res', 'silu_scale', 'norm_scale', 'eps'}

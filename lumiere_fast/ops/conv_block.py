@@ -36,7 +36,8 @@ from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_gu
                       zeros32)
 from .layout import frames_as_time_last, frames_as_time_major, time_last_as_frames, time_major_as_frames
 from .mp_math import MP_SILU_DIVISOR, mp_add, mp_add_coeffs, mp_silu
-from .temporal_conv1d import conv_frames, conv_weight_grad, flipped_weight
+from .temporal_conv1d import conv_frames, conv_weight_grad
+from .weight_pack import packed
 
 
 def _check(name, h, residual, conv_weight, proj_weight, batch):
@@ -78,20 +79,25 @@ def temporal_conv_block_ref(h: Tensor, residual: Tensor, conv_weight: Tensor, co
 #
 # Kernels: kernels/conv_block.py (lumiere_fast.kernels.conv_block, imported on first launch). Forward, all
 # (b t) c H W tensors are read through their strides and the output is written contiguous (b t) c H W: no
-# fold/unfold copies.
-#   C <= FUSE_MAX_C: one kernel (temporal conv, activation, 1x1 projection from registers, residual add);
+# fold/unfold copies. Conv weights are packed once per call into [k, co, ci] in the compute dtype
+# (ops/weight_pack.py: contiguous 16-byte runs of a weight tile's rows); every grid has a frame axis.
+#   MP, C <= FUSE_MAX_C: one kernel (temporal conv, activation, 1x1 projection from registers, residual add);
+#   non-MP: the time norm couples the frames, so conv + bias runs first (temporal_conv1d's frame-parallel kernel,
+#       into a buffer in the activation dtype), then one frame-parallel kernel reads each tile's T frames for the
+#       norm and applies silu, the projection, bias and residual (C <= FUSE_MAX_C);
 #   C >  FUSE_MAX_C: the activation goes through one buffer in the activation dtype, because a pixel tile's
 #                    [C, BLOCK_P] activation and the [C, C] projection weight no longer fit one program's
 #                    registers; a second launch projects it and adds the residual.
 # Backward recomputes the conv from h instead of saving the pre-activation (one (b t) c H W tensor less held
 # between forward and backward, for a K-tap conv's worth of FLOPs), then:
-#   one kernel: grad residual, dy (through mp_silu, or silu and the time norm), grad gain / proj bias / gamma,
+#   one kernel: grad residual, dy (MP: through mp_silu; non-MP: down to the gradient of the normalised y, and a
+#               second frame-parallel kernel through the norm), grad gain / proj bias / gamma,
 #               and for C <= BWD_FUSE_MAX_C grad proj from registers (fp32 accumulators, one atomic flush per
 #               program); above it the activation goes to a buffer and grad proj is reduced from it;
 #   temporal_conv1d's weight-grad kernel (conv_weight_grad): grad conv weight (+ conv bias), split-K over
-#       (frame, pixel), fp32 atomics;
+#       (frame, pixel), fp32 atomics, in the weight's own (co, ci, k) layout;
 #   temporal_conv1d's conv kernel (conv_frames): grad h, the temporal conv of dy with the flipped, transposed
-#       weight, and the split forward's second launch.
+#       weight (packed as such), the non-MP conv + bias, and the split forward's second launch.
 # Weight grads accumulate in fp32 and are cast to the parameter dtype at the end.
 
 _NORM_EPS = 1e-12   # F.normalize's default eps (the non-MP time norm)
@@ -104,8 +110,9 @@ def _kernels():
 
 
 def _blocks(c: int) -> tuple[int, int]:
-    """(BLOCK_C covering all c channels, BLOCK_CI the conv's input-channel step); >= 16 for tl.dot."""
-    return dot_block(c), dot_block(c, 32)
+    """(BLOCK_C covering all c channels, BLOCK_CI the conv's input-channel step, up to 64: a 128-byte row of a
+    bf16 weight tile); >= 16 for tl.dot."""
+    return dot_block(c), dot_block(c, 64)
 
 
 def _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain, batch: int, mp_add_t: float
@@ -116,17 +123,18 @@ def _mp_temporal_conv_block_forward(h, residual, conv_weight, proj_weight, gain,
     c_out, c_res = mp_add_coeffs(mp_add_t)
     out = new_output(h.shape, h)
     with device_guard(h):
+        wc = packed(conv_weight, h.dtype)
         if c <= kern.FUSE_MAX_C:
             block_c, block_ci = _blocks(c)
             launch_tuned(
                 kern._conv_block_mp_forward_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P'])),
                 (c, frames, k, p, h.dtype),
                 h, *h.stride(), residual, *residual.stride(), out, *out.stride(),
-                conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
+                wc, *wc.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
                 gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
                 PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         else:
-            a = conv_frames(h, conv_weight, new_output(h.shape, h), frames, 'mp_silu', silu_scale=1. / MP_SILU_DIVISOR)
+            a = conv_frames(h, wc, new_output(h.shape, h), frames, 'mp_silu', silu_scale=1. / MP_SILU_DIVISOR)
             conv_frames(a, proj_weight, out, frames, 'mp_out', residual=residual, gain=gain, c_out=c_out, c_res=c_res)
     return out
 
@@ -150,12 +158,13 @@ def _mp_temporal_conv_block_backward(grad, h, conv_weight, proj_weight, gain, ba
     act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = cdiv(c, block_c)
     with device_guard(h):
+        wc = packed(conv_weight, h.dtype)
         launch_tuned(
             kern._conv_block_mp_backward_kernel,
             lambda m: grid_1d(n * cdiv(cdiv(p, m['BLOCK_P']), m['TILES_PER_PROG']) * n_ct),
             (c, frames, k, p, fuse, h.dtype),
             h, *h.stride(), grad, *grad.stride(), d_res, dy, act,
-            conv_weight, *conv_weight.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
+            wc, *wc.stride(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
             gain, d_proj, d_gain, c_out, c_res, 1. / MP_SILU_DIVISOR, frames, c, p, width, k, k // 2,
             FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
         if not fuse:
@@ -165,7 +174,8 @@ def _mp_temporal_conv_block_backward(grad, h, conv_weight, proj_weight, gain, ba
             d_proj = g_act.view(c, c) * (c_out * gain.float())
             d_gain = (proj_weight.float().view(c, c) * g_act.view(c, c)).sum() * c_out
         d_conv, _ = conv_weight_grad(dy, h, frames, k, with_bias=False)
-        d_h = conv_frames(dy, flipped_weight(conv_weight), new_output(h.shape, h), frames)
+        # grad h: the 'same' conv of dy with w'[ci, co, k] = w[co, ci, K-1-k]
+        d_h = conv_frames(dy, packed(conv_weight, h.dtype, transpose=True, flip=True), new_output(h.shape, h), frames)
     return (d_h, d_res, d_conv.to(conv_weight.dtype), d_proj.view(c, c, 1).to(proj_weight.dtype),
             d_gain.view(gain.shape).to(gain.dtype))
 
@@ -174,20 +184,22 @@ def _temporal_conv_block_forward(h, residual, conv_weight, conv_bias, gamma, pro
                                  ) -> Tensor:
     kern = _kernels()
     n, c, _, width = h.shape
-    frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
+    frames, p = n // batch, h.shape[-2] * h.shape[-1]
     out = new_output(h.shape, h)
     fuse = c <= kern.FUSE_MAX_C
-    block_c, block_ci = _blocks(c) if fuse else (kern.SPLIT_BLOCK_C, _blocks(c)[1])
+    block_c = _blocks(c)[0] if fuse else kern.SPLIT_BLOCK_C
     act = out if fuse else new_output(h.shape, h)
+    n_ct = cdiv(c, block_c)
     with device_guard(h):
+        # y = conv + bias, frame-parallel, in the activation dtype (the norm sums what the next kernel reads)
+        y = conv_frames(h, packed(conv_weight, h.dtype), new_output(h.shape, h), frames, 'bias', bias=conv_bias)
         launch_tuned(
-            kern._conv_block_forward_kernel, lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * cdiv(c, block_c)),
-            (c, frames, k, p, fuse, h.dtype),
-            h, *h.stride(), residual, *residual.stride(), act, *act.stride(),
-            conv_weight, *conv_weight.stride(), conv_bias, gamma,
+            kern._conv_block_forward_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * n_ct),
+            (c, frames, p, fuse, h.dtype),
+            y, residual, *residual.stride(), act, *act.stride(), gamma,
             proj_weight, proj_weight.stride(0), proj_weight.stride(1), proj_bias,
-            sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
-            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c, BLOCK_CI=block_ci)
+            sqrt(c), _NORM_EPS, frames, c, p, width,
+            FUSE_PROJ=fuse, PREC=dot_precision(h), BLOCK_C=block_c)
         if not fuse:
             conv_frames(act, proj_weight, out, frames, 'bias_residual', residual=residual, bias=proj_bias)
     return out
@@ -197,31 +209,35 @@ def _temporal_conv_block_backward(grad, h, conv_weight, conv_bias, gamma, proj_w
     kern = _kernels()
     n, c, _, width = h.shape
     frames, p, k = n // batch, h.shape[-2] * h.shape[-1], conv_weight.shape[-1]
-    d_res, dy, d_h = new_output(h.shape, h), new_output(h.shape, h), new_output(h.shape, h)
+    d_res, du, d_h = new_output(h.shape, h), new_output(h.shape, h), new_output(h.shape, h)
     fuse, block_c, block_ci = _bwd_blocks(kern, c)
-    act = dy if fuse else new_output(h.shape, h)                # the split path's activation buffer
+    act = du if fuse else new_output(h.shape, h)                # the split path's activation buffer
     n_ct = cdiv(c, block_c)
     exact_order = deterministic()
     # per-program partials of grad proj bias / gamma in deterministic mode, one row per program at the
     # narrowest pixel tile (rows of programs a wider tile does not launch stay zero)
-    rows = batch * cdiv(p, kern.MIN_BLOCK_P) * n_ct if exact_order else 1
+    rows = n * cdiv(p, kern.MIN_BLOCK_P) * n_ct if exact_order else 1
     d_proj = zeros32(c, c, like=h)
     d_proj_bias, d_gamma = zeros32(rows, c, like=h), zeros32(rows, c, like=h)
     with device_guard(h):
-        # d_h doubles as the kernel's y scratch until the grad_h conv overwrites it
+        # y recomputed (frame-parallel) into d_h, free until the grad_h conv overwrites it
+        y = conv_frames(h, packed(conv_weight, h.dtype), d_h, frames, 'bias', bias=conv_bias)
         launch_tuned(
-            kern._conv_block_backward_kernel, lambda m: grid_1d(batch * cdiv(p, m['BLOCK_P']) * n_ct),
-            (c, frames, k, p, fuse, h.dtype),
-            h, *h.stride(), grad, *grad.stride(), d_res, dy, d_h, act,
-            conv_weight, *conv_weight.stride(), conv_bias, gamma,
-            proj_weight, proj_weight.stride(0), proj_weight.stride(1),
-            d_proj, d_proj_bias, d_gamma, sqrt(c), _NORM_EPS, frames, c, p, width, k, k // 2,
+            kern._conv_block_backward_kernel, lambda m: grid_1d(n * cdiv(p, m['BLOCK_P']) * n_ct),
+            (c, frames, p, fuse, exact_order, h.dtype),
+            y, grad, *grad.stride(), d_res, du, act, gamma, proj_weight, proj_weight.stride(0), proj_weight.stride(1),
+            d_proj, d_proj_bias, d_gamma, sqrt(c), _NORM_EPS, frames, c, p, width,
             FUSE_PROJ=fuse, PREC=dot_precision(h), DETERMINISTIC=exact_order, BLOCK_C=block_c, BLOCK_CI=block_ci)
         d_proj_bias, d_gamma = d_proj_bias.sum(0), d_gamma.sum(0)
         if not fuse:
             d_proj = conv_weight_grad(grad, act, frames, 1, with_bias=False)[0]
+        # the split path's activation buffer is free now: it takes dy
+        dy = new_output(h.shape, h) if fuse else act
+        nb_c, nb_p, nb_warps = kern.NORM_BWD_BLOCKS
+        kern._conv_block_norm_backward_kernel[grid_1d(n * cdiv(p, nb_p) * cdiv(c, nb_c))](
+            y, du, dy, _NORM_EPS, frames, c, p, BLOCK_C=nb_c, BLOCK_P=nb_p, num_warps=nb_warps)
         d_conv, d_conv_bias = conv_weight_grad(dy, h, frames, k, with_bias=True)
-        conv_frames(dy, flipped_weight(conv_weight), d_h, frames)
+        conv_frames(dy, packed(conv_weight, h.dtype, transpose=True, flip=True), d_h, frames)
     return (d_h, d_res, d_conv.to(conv_weight.dtype), d_conv_bias.to(conv_bias.dtype), d_gamma.to(gamma.dtype),
             d_proj.view(c, c, 1).to(proj_weight.dtype), d_proj_bias.to(proj_weight.dtype))
 

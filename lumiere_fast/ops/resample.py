@@ -10,9 +10,11 @@ a bilinear resize whose second axis keeps its size (exactly upstream's (t, 1) bi
 
 Triton path (``kernels/resample.py``): one custom op ``lumiere_fast::temporal_resample`` for all four, each output
 frame an implicit GEMM over (tap, in-channel) with the stride / transposition / interpolation folded into the input
-loads of the frames layout (no fold copies). Backward, ``lumiere_fast::temporal_resample_backward``: grad input is
-the adjoint convolution (again one of the kernel's modes), grad weight (and bias) a split (b, t, h w) reduction
-whose splits are summed in fp32 afterwards; each is computed only when autograd asks for it.
+loads of the frames layout (no fold copies), the weight packed once per call into [3, c_out, c_in] in the compute
+dtype (``weight_pack.packed``: contiguous weight-tile rows; transposition and tap flips happen in the pack).
+Backward, ``lumiere_fast::temporal_resample_backward``: grad input is the adjoint convolution (again one of the
+kernel's modes), grad weight (and bias) a split (b, t, h w) reduction in the weight's own layout, whose splits
+are summed in fp32 afterwards; each is computed only when autograd asks for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._triton import (NAMESPACE, autocast_inputs, cdiv, device_guard, differenti
                       use_triton)
 from .fold import fold_frames_ref, unfold_frames_ref
 from .layout import frames_as_time_major, time_major_as_frames
+from .weight_pack import packed
 
 
 def _check(name, x, weight, batch, down):
@@ -108,11 +111,12 @@ def _forward_plan(mode: str, t_in: int):
     return k.MODE_INTERP, 2, t_out, t_in / t_out
 
 
-def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batch: int, t_out: int,
+def _launch_gemm(src: Tensor, w: Tensor, bias: Optional[Tensor], batch: int, t_out: int,
                  kmode: int, nsrc: int, t_mid: int, scale: float) -> Tensor:
     """(b t_src) c h w -> (b t_out) c h w through _resample_kernel (see its docstring).
 
-    w_strides: (o, i, k) strides that make W_k[o, i] for the kernel's output channel o and input channel i.
+    w: W_k[o, i] for the kernel's output channel o and input channel i, as ``weight_pack.packed`` gives it (an
+    (o, i, k) view of a contiguous [k, o, i] pack in src's dtype).
     """
     bt, c, h, wd = src.shape
     t_src = bt // batch
@@ -127,7 +131,7 @@ def _launch_gemm(src: Tensor, w: Tensor, w_strides, bias: Optional[Tensor], batc
             _kernels()._resample_kernel, grid, (c, t_src, t_out, p, kmode, nsrc, src.dtype, w.dtype),
             src, w, bias if bias is not None else w, y,
             c, t_src, t_out, t_mid, p, wd, float(scale),
-            *src.stride(), *w_strides, *y.stride(),
+            *src.stride(), *w.stride(), *y.stride(),
             SRC_MERGED=_merged(src), Y_MERGED=_merged(y),
             MODE=kmode, NSRC=nsrc, HAS_BIAS=bias is not None, DOT_PREC=dot_precision(src))
     return y
@@ -138,10 +142,9 @@ def _temporal_resample_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     matching ``*_ref`` takes it (ConvTranspose1d layout (c_in, c_out, 3) for 'up'), bias (c,) or None."""
     t = x.shape[0] // batch
     kmode, nsrc, t_mid, scale = _forward_plan(mode, t)
-    s0, s1, s2 = weight.stride()
     # the kernel's W_k[co, ci]: Conv1d stores (co, ci, k), ConvTranspose1d (ci, co, k)
-    w_strides = (s1, s0, s2) if mode == 'up' else (s0, s1, s2)
-    return _launch_gemm(x, weight, w_strides, bias, batch, _frames_out(mode, t), kmode, nsrc, t_mid, scale)
+    w = packed(weight, x.dtype, transpose=mode == 'up')
+    return _launch_gemm(x, w, bias, batch, _frames_out(mode, t), kmode, nsrc, t_mid, scale)
 
 
 def _grad_input(grad: Tensor, weight: Tensor, batch: int, mode: str, frames_in: int) -> Tensor:
@@ -153,19 +156,17 @@ def _grad_input(grad: Tensor, weight: Tensor, batch: int, mode: str, frames_in: 
     """
     k = _kernels()
     t_g = grad.shape[0] // batch
-    if mode == 'down':
-        s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[co, ci, k]
-        return _launch_gemm(grad, weight, (s1, s0, s2), None, batch, frames_in, k.MODE_UP, 1, frames_in, 1.0)
-    if mode == 'up':
-        s0, s1, s2 = weight.stride()           # W_k^T[ci, co] = w[ci, co, k]
-        return _launch_gemm(grad, weight, (s0, s1, s2), None, batch, frames_in, k.MODE_DOWN, 1, frames_in, 1.0)
-    # taps flipped: a tiny (c, c, 3) copy, cheaper than a negative-stride special case in the kernel
-    wf = weight.flip(-1)
-    s0, s1, s2 = wf.stride()
+    if mode == 'down':                          # W_k^T[ci, co] = w[co, ci, k]
+        return _launch_gemm(grad, packed(weight, grad.dtype, transpose=True), None, batch, frames_in, k.MODE_UP,
+                            1, frames_in, 1.0)
+    if mode == 'up':                            # W_k^T[ci, co] = w[ci, co, k]
+        return _launch_gemm(grad, packed(weight, grad.dtype), None, batch, frames_in, k.MODE_DOWN, 1, frames_in,
+                            1.0)
+    # taps flipped and transposed (the pack does both): W'_k[ci, co] = w[co, ci, 2 - k]
+    w = packed(weight, grad.dtype, transpose=True, flip=True)
     # interpolated frames that touch one input frame: 1 when halving (m = i // 2), 4 when doubling (2i-1 .. 2i+2)
     nsrc = 1 if mode == 'mp_down' else 4
-    return _launch_gemm(grad, wf, (s1, s0, s2), None, batch, frames_in, k.MODE_INTERP_ADJ, nsrc, t_g,
-                        frames_in / t_g)
+    return _launch_gemm(grad, w, None, batch, frames_in, k.MODE_INTERP_ADJ, nsrc, t_g, frames_in / t_g)
 
 
 def _dw_split(bt_out: int, p: int, c: int, x: Tensor):
