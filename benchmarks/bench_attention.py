@@ -16,7 +16,8 @@ Timing and peak memory: harness.run_benchmark. Rates (harness.record_rates), per
 N = B H W sequences of T frames, h heads of d channels, m memory keys (MP: 4, non-MP: 0), C channels:
   flops (forward) = 2 N T C 3hd (qkv) + 4 N h T (T+m) d (QK^T and PV) + 2 N T hd C (out) + 2 N T C C (proj_out);
   forward+backward: 3x forward;
-  bytes: forward 2 |x| (read x, write y); forward+backward 5 |x| (adds dy, x, dx); weights not counted.
+  bytes: what the two-stage layout moves (``attention_bytes`` below; the problem's minimum, one fused pass, is
+  2 |x| forward and 5 |x| forward+backward); weights not counted.
 """
 
 from __future__ import annotations
@@ -52,6 +53,35 @@ def _dims(block: str, c: int) -> tuple[int, int, int]:
 def attention_flops(n: int, t: int, c: int, heads: int, d: int, m: int) -> int:
     hd = heads * d
     return 2 * n * t * c * 3 * hd + 4 * n * heads * t * (t + m) * d + 2 * n * t * hd * c + 2 * n * t * c * c
+
+
+# Bytes/FLOPs prediction for the two-stage layout (issue 14.1), per row (one frame of one pixel), per layer, in
+# elements of the activation dtype (bf16: 2 bytes), C channels, hd = h d, the modules' C = 768, h d = 8 x 64:
+#   forward:  q/k/v GEMM reads s (C), writes qkv head-major (3 hd); the core reads qkv (3 hd), writes o (hd); the
+#             out GEMM reads o (hd) and the residual s (C), writes s' (C); proj_out reads s, x, writes y (3 C):
+#             6 C + 8 hd = 8,704 (4.4 KB/row bf16) against the fused minimum 2 C = 1,536;
+#   backward (from what the forward saved): outer 7 C; per layer do (C + hd), dWo (C + hd), core (3 hd qkv + hd
+#             do + 3 hd dqkv), dWqkv (3 hd + C), W^T dqkv + residual (3 hd + 2 C): 5 C + 15 hd;
+#             forward+backward 18 C + 23 hd = 25,600 against the minimum 5 C = 3,840.
+#   FLOPs per row: 2 C 3hd + 2 hd C + 2 C C + 4 hd (T + m) = 4.33 MFLOP (+ 2 x in backward): 249 FLOP/B forward,
+#             which is at an H100's ridge (~790 TFLOP/s / ~3.3 TB/s = 240 FLOP/B): the projections stay
+#             compute-bound, so the extra bytes cost little if every sector is full, which is the point:
+# 32-byte sector efficiency (useful / fetched bytes) of the attention stage's loads, bf16:
+#   before (one fused core; a row tile packs POS = 32 // T pixels of T frames and reads (b t) c H W across
+#           pixels, so a sector carries POS x 2 useful bytes; x re-read per head for q, k and v):
+#           T = 8: 25%;  T = 16: 12.5%;  T = 64: 6.25% (POS = 1), times 3 h re-reads of the [rows, c] tile;
+#   after:  the GEMMs read [BLOCK_CI, 64..128 pixels] runs of (b t) c H W (128-256 contiguous bytes: 100%) and
+#           read/write head-major rows of d = 64 contiguous elements (128 bytes: 100%); the core reads each
+#           (position, head) [T, d] block, POS positions of one head back to back (POS T d contiguous: 100%):
+#           100% at T = 8, 16 and 64, and x is read once per layer (the channel tiles of one pixel tile run
+#           together, so the re-reads hit L2).
+
+
+def attention_bytes(n: int, t: int, c: int, heads: int, d: int, train: bool, elem: int) -> int:
+    """Bytes the two-stage layout moves per layer (see the prediction above), n sequences of t frames."""
+    hd = heads * d
+    per_row = 6 * c + 8 * hd + ((12 * c + 15 * hd) if train else 0)
+    return n * t * per_row * elem
 
 
 def _sdpa_block(module, x, batch):
@@ -104,8 +134,10 @@ def bench_attention(benchmark, device_rates, impl, phase, block, device_name, c,
     step, make_inputs, forward = frames_module_steps(run, x0, device, dtype, train)
     run_benchmark(benchmark, step, make_inputs, device,
                   n_rounds=rounds(50, 10, device), warmup=2)
-    flops = attention_flops(b * hw * hw, t, c, *_dims(block, c))
-    record_rates(benchmark, device_rates(device), nbytes=(5 if train else 2) * x0.nbytes,
+    heads, d, m = _dims(block, c)
+    flops = attention_flops(b * hw * hw, t, c, heads, d, m)
+    record_rates(benchmark, device_rates(device), nbytes=attention_bytes(b * hw * hw, t, c, heads, d, train,
+                                                                         x0.element_size()),
                  flops=3 * flops if train else flops)
 
 
@@ -159,5 +191,7 @@ def bench_attention_large_grid(benchmark, device_rates, impl, block):
 
     run_benchmark(benchmark, forward_backward, lambda: (x0.clone().requires_grad_(True),), device,
                   n_rounds=rounds(20, 3, device), warmup=2)
-    record_rates(benchmark, device_rates(device), nbytes=5 * x0.nbytes,
-                 flops=3 * attention_flops(b * hw * hw, t, c, *_dims(block, c)))
+    heads, d, m = _dims(block, c)
+    record_rates(benchmark, device_rates(device), nbytes=attention_bytes(b * hw * hw, t, c, heads, d, True,
+                                                                         x0.element_size()),
+                 flops=3 * attention_flops(b * hw * hw, t, c, heads, d, m))

@@ -226,6 +226,52 @@ def test_long_clip_70_frames_forward():
     _check_nonmp(1, 70, 8, 1, 1, grad=False)
 
 
+def test_long_clip_128_frames():
+    """T = 128 (the largest supported clip): 2 x 2 key blocks forward, the long-clip backward from the saved
+    log-sum-exp, forward and backward, both blocks; an odd channel count and two pixels."""
+    assert _tiles(128)[3] == 2
+    _check(1, 128, 7, 1, 2, mem=3)
+    _check_nonmp(1, 128, 7, 1, 2, depth=1)
+
+
+def test_whole_tile_backward_at_33_frames():
+    """T = 33: one position per 64-row tile (the whole-tile backward with a 31-row tail), both blocks."""
+    assert _tiles(33) == (64, 33, 1, 1)
+    _check(1, 33, 9, 1, 1, mem=2)
+    _check_nonmp(1, 33, 9, 1, 1)
+
+
+@pytest.mark.parametrize('family', ['mp', 'nonmp'])
+def test_backward_reads_what_the_forward_saved(family, monkeypatch):
+    """Eager path: the forward's q/k/v buffer, o (and lse) feed the backward, so the forward stages run once per
+    layer; the custom-op path (what torch.compile runs) reruns them in the backward op. Both give the same
+    gradients."""
+    calls = []
+    real = att._core_forward
+    monkeypatch.setattr(att, '_core_forward', lambda *a, **k: calls.append(1) or real(*a, **k))
+    op, fn, _, x, ps = _compiled_block(family)
+    depth = 2 if family == 'mp' else 1
+    grads = []
+    for eager in (True, False):
+        monkeypatch.setattr(_triton, 'EAGER', eager)
+        calls.clear()
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, *ps)]
+        with backend.use_backend('triton'), backend.record_choices() as seen:
+            out = fn(*leaves)
+            assert att._SAVED.get() is None
+        out.backward(torch.ones_like(out))
+        assert seen == {op: {'triton'}}
+        assert len(calls) == (depth if eager else 2 * depth), (eager, len(calls))
+        grads.append([t.grad for t in leaves if t is not None])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    with backend.use_backend('triton'), torch.no_grad():       # no grad: nothing kept
+        monkeypatch.setattr(_triton, 'EAGER', True)
+        calls.clear()
+        fn(x, *ps)
+        assert len(calls) == depth
+
+
 def test_dropout_in_training_takes_the_reference():
     x = torch.randn(6, 8, 2, 2)
     ps = _params(8, 2, 16, 4, 1, torch.float32)
@@ -454,44 +500,61 @@ def test_tf32_gpu(monkeypatch):
 
 _COMPILE_CALLS = r'''
 from lumiere_fast.kernels import attention as K
-CORE = dict(fwd=(K._attention_core_kernel, dict(WRITE_LSE=False)), bwd=(K._attention_core_backward_kernel, {}),
+CORE = dict(fwd=(K._attention_core_kernel, dict(WRITE_LSE=True)), bwd=(K._attention_core_backward_kernel, {}),
             dkv=(K._attention_core_backward_long_kernel, dict(DKV=True)),
             dq=(K._attention_core_backward_long_kernel, dict(DKV=False)))
-R_MAX = K.ATTN_ROWS_MAX
-# What the launchers (ops/attention.py: _row_tiles, _core_meta) launch: BLOCK_R 32 (T <= 32) or R_MAX (T = 33..64,
-# and the long backward's blocks) at d = 64, 32 at d = 128; BLOCK_CK = dot_block(c, 32), BLOCK_M = dot_block(m)
-# (4 memory keys), 8 warps (4 only for tiles under 32 x 64). fp32 runs 'ieee' dots unless the matmul flag allows
-# TF32; fp16/bf16 are the autocast variants (every data pointer in the autocast dtype).
+R_MAX, R_MIN, R_BWD = K.ATTN_ROWS_MAX, K.ATTN_ROWS_MIN, K.ATTN_BWD_ROWS_MIN
+assert R_MIN == R_MAX == 2 * R_BWD == 64, 'the variants below are what the launchers launch for these row tiles'
+# What the launchers (ops/attention.py: _row_tiles, _core_meta) launch: forward BLOCK_R = 64 at d <= 64 for every
+# T (short clips pack 64 // T positions; T > 64 runs 64-frame blocks), 32 at d = 128; the whole-tile backward
+# 32 rows for T <= 32, 64 for T = 33..64; BLOCK_M = dot_block(m) (4 memory keys), 8 warps. fp32 runs 'ieee' dots unless the matmul flag allows TF32; fp16/bf16 are the autocast variants
+# (every data pointer in the autocast dtype).
 # (kinds, MP, BLOCK_R, BLOCK_D, dtypes, PREC)
 VARIANTS = [
-    (('fwd', 'bwd'), True, 32, 64, ('bf16', 'fp16', 'fp32'), 'ieee'),
+    (('fwd', 'bwd'), True, R_MAX, 64, ('bf16', 'fp16', 'fp32'), 'ieee'),
+    (('bwd',), True, R_BWD, 64, ('bf16', 'fp16', 'fp32'), 'ieee'),        # T <= 32
+    (('bwd',), False, R_BWD, 64, ('bf16',), 'ieee'),
     (('dkv', 'dq'), True, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),
     (('dq',), True, R_MAX, 64, ('fp16',), 'ieee'),
-    (('fwd', 'bwd'), True, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),          # T = 33..64
-    (('fwd', 'bwd'), False, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),         # non-MP: RMSNorm pre-norm, no memory
+    (('fwd', 'bwd'), False, R_MAX, 64, ('bf16', 'fp32'), 'ieee'),         # non-MP: RMSNorm row scale, no memory
     (('dkv', 'dq'), False, R_MAX, 64, ('bf16',), 'ieee'),
-    (('fwd', 'bwd'), True, R_MAX // 2, 128, ('bf16',), 'ieee'),           # d = 128: the row cap halves
+    (('fwd', 'bwd', 'dkv', 'dq'), True, R_MAX // 2, 128, ('bf16',), 'ieee'),   # d = 128: the row cap halves
     (('fwd',), True, R_MAX // 2, 128, ('fp32',), 'ieee'),
 ]
+def only(kern, meta):
+    fn = kern
+    while not hasattr(fn, 'arg_names'):
+        fn = fn.fn
+    return {k: v for k, v in meta.items() if k in fn.arg_names}
 for kinds, mp, block_r, block_d, dts, prec in VARIANTS:
-    meta = dict(MP=mp, HAS_G=not mp, HAS_MEM=mp, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_CK=32,
-                BLOCK_M=16)
+    meta = dict(MP=mp, HAS_G=not mp, HAS_MEM=mp, PREC=prec, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_M=16)
     for kind in kinds:
         kern, extra = CORE[kind]
         for dt in dts:
-            compile_for_h100(kern, dict(meta, **extra), dt=dt, warps=8, exact=('sqrt', 'div'))
+            # the pixel norms (MP) are in the core; the non-MP RMSNorm is the GEMM's (checked below)
+            compile_for_h100(kern, only(kern, dict(meta, **extra)), dt=dt, warps=8,
+                             exact=('sqrt', 'div') if mp else ())
+# the GEMM kernel as the launchers use it: the q/k/v projection (frames in, head-major out, with the RMSNorm row
+# scale) and the output projections (head-major or frames in, residual, gain, bias)
+LINEAR = [dict(HAS_GAIN=False, HAS_BIAS=False, HAS_RES=False, HAS_RMS=True, X_HM=False, OUT_HM=True),
+          dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, HAS_RMS=False, X_HM=True, OUT_HM=False)]
+blk_a, blk_b, blk_p = K.WGRAD_BLOCKS
 for dt in ('bf16', 'fp16', 'fp32'):
     for cfg in K._attention_linear_kernel.configs:     # every autotune config, the widest input-channel block
-        compile_for_h100(K._attention_linear_kernel, dict(HAS_GAIN=True, HAS_BIAS=True, HAS_RES=True, PREC='ieee',
-                                                          BLOCK_CI=32, **cfg.kwargs), dt=dt, warps=cfg.num_warps,
-                         stages=cfg.num_stages)
+        for flags in LINEAR:
+            compile_for_h100(K._attention_linear_kernel, dict(PREC='ieee', BLOCK_CI=32, **flags, **cfg.kwargs),
+                             dt=dt, warps=cfg.num_warps, stages=cfg.num_stages,
+                             exact=('sqrt', 'div') if flags['HAS_RMS'] else ())
+    for a_hm in (True, False):
+        compile_for_h100(K._attention_weight_grad_kernel, dict(A_HM=a_hm, B_HM=not a_hm, PREC='ieee',
+                                                               BLOCK_A=blk_a, BLOCK_B=blk_b, BLOCK_P=blk_p), dt=dt)
     blk_c, blk_p = K.CHAN_BLOCKS
     compile_for_h100(K._attention_rms_norm_backward_kernel, dict(HAS_RES=True, BLOCK_C=blk_c, BLOCK_P=blk_p), dt=dt,
                      exact=('sqrt', 'div'))
     compile_for_h100(K._attention_channel_sum_kernel, dict(HAS_B=True, BLOCK_C=blk_c, BLOCK_P=blk_p), dt=dt)
 '''
 FLOATS = {'c_out', 'c_res', 'norm_scale', 'sm_scale', 'eps', 'rms_scale', 'rms_eps'}
-F32_BUFFERS = {'dmem_ptr', 'part_ptr', 'lse_ptr'}
+F32_BUFFERS = {'dmem_ptr', 'part_ptr', 'lse_ptr', 'inv_ptr'}
 
 
 @pytest.mark.skipif(CUDA, reason='with a GPU the kernels are compiled and run by the tests above')
@@ -499,4 +562,4 @@ def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter never lowers the kernels: compile what the launchers launch for sm_90 through ptxas, so a
     GPU-only lowering error, a variant that does not fit an H100, or a norm that is not round-to-nearest fails
     here too (``pytest -s`` prints registers, spills and shared memory per variant)."""
-    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS, timeout=600)
+    compile_for_sm90(_COMPILE_CALLS, F32_BUFFERS, FLOATS, timeout=1500)
