@@ -35,12 +35,31 @@ def _validate(name, source: str) -> str:
     return value
 
 
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read at call time, without its cost for a name that is not set: ``Mapping.get``
+    raises and catches a KeyError (~2 us here), and every op call reads two variables. CPython's ``os.environ``
+    keeps its items in the dict ``_data`` under encoded keys, updated by every change through ``os.environ``
+    (``monkeypatch.setenv`` included); anything else goes through ``os.environ.get``."""
+    environ = os.environ
+    data = getattr(environ, '_data', None)
+    if type(data) is not dict:
+        return environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = environ.encodekey(name)
+    raw = data.get(key)
+    return None if raw is None else environ.decodevalue(raw)
+
+
+_ENV_KEYS: dict[str, object] = {}
+
+
 def get_backend() -> str:
     """The backend in force now: the innermost :func:`use_backend`, else the environment, else ``auto``."""
     stack = getattr(_local, 'stack', None)
     if stack:
         return stack[-1]
-    env = os.environ.get(ENV_VAR)
+    env = getenv(ENV_VAR)
     if env is None or env.strip() == '':
         return 'auto'
     return _validate(env, f'environment variable {ENV_VAR}')
@@ -61,11 +80,20 @@ def use_backend(name: str):
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Triton imports (checked once: an import attempt per op call costs host time, and a failed one retries
+    the whole import machinery)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            _TRITON = False
+        else:
+            _TRITON = True
+    return _TRITON
+
+
+_TRITON: bool | None = None
 
 
 def triton_runnable(device: torch.device) -> bool:
@@ -74,7 +102,12 @@ def triton_runnable(device: torch.device) -> bool:
         return False
     if device.type == 'cuda':
         return True
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+    return interpreting()
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run in its CPU interpreter (read at call time)."""
+    return getenv('TRITON_INTERPRET') == '1'
 
 
 @contextmanager
@@ -120,8 +153,8 @@ def _choose(op: str, tensor: torch.Tensor, has_triton: bool) -> str:
     if backend == 'auto':
         return 'triton' if (has_triton and tensor.is_cuda and triton_available()) else 'reference'
     # forced triton
-    if has_triton and triton_runnable(tensor.device):
-        return 'triton'
+    if has_triton and triton_available() and (tensor.is_cuda or interpreting()):    # triton_runnable, without
+        return 'triton'                                                             # building tensor.device
     if op not in _warned:
         _warned.add(op)
         why = ('no Triton kernel handles this call (none exists for the op yet, or not for these dtypes/sizes)'

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import os
-
 import torch
 
 from .. import backend
@@ -48,16 +46,24 @@ def use_triton(op: str, *tensors: torch.Tensor | None, supported: bool = True, a
     under autocast, which the caller then applies. Otherwise the reference runs.
     """
     x = tensors[0]
-    ok = supported and kernel_dtype(tensors, autocast) in KERNEL_DTYPES
-    if ok and not x.is_cuda and os.environ.get('TRITON_INTERPRET', '0') == '1' and \
-            kernel_dtype(tensors, autocast) == torch.bfloat16:
-        ok = False      # the interpreter's bf16 arithmetic and tl.dot are wrong (~1e9 off): reference, with the warning
+    ok = False
+    if supported:
+        dtype = kernel_dtype(tensors, autocast)
+        ok = dtype in KERNEL_DTYPES
+        if ok and dtype is torch.bfloat16 and not x.is_cuda and backend.interpreting():
+            ok = False  # the interpreter's bf16 arithmetic and tl.dot are wrong (~1e9 off): reference, with the warning
     return backend.choose(op, x, has_triton=ok) == 'triton'
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype in force for x's device, None outside autocast."""
-    device = x.device.type
+    """The autocast dtype in force for x's device, None outside autocast (checked first, in one call:
+    ``x.device.type`` alone builds a device object and a string, ~1 us, on every op call)."""
+    if not _any_autocast():
+        return None
+    device = 'cuda' if x.is_cuda else x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
@@ -72,14 +78,15 @@ def kernel_dtype(tensors, autocast: bool = True) -> torch.dtype | None:
     bias), else their own; None when they still differ or lie on different devices."""
     x = tensors[0]
     low = _autocast_dtype(x) if autocast else None
-    device, dtype = x.device, None
+    # the device as (is_cuda, is_cpu, index): three attribute reads, where ``t.device`` builds an object per tensor
+    cuda, cpu, index, dtype = x.is_cuda, x.is_cpu, x.get_device(), None
     for t in tensors:
         if t is None:
             continue
         dt = low if low is not None and _autocast_eligible(t) else t.dtype
         if dtype is None:
             dtype = dt
-        elif dt != dtype or t.device != device:
+        elif dt != dtype or t.is_cuda != cuda or t.is_cpu != cpu or t.get_device() != index:
             return None
     return dtype
 
@@ -293,8 +300,17 @@ def target_programs(x: torch.Tensor, interpreted: int = 4) -> int:
 
 
 def device_guard(x: torch.Tensor):
-    """The device guard around a launch: kernels launch on the current CUDA device, which must be x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+    """The device guard around a launch: kernels launch on the current CUDA device, which must be x's. When it
+    already is (nearly always), no guard: ``torch.cuda.device`` swaps the device twice per launch."""
+    if not x.is_cuda:
+        return _NO_GUARD
+    index = x.get_device()
+    return _NO_GUARD if index == _current_cuda_device() else torch.cuda.device(index)
+
+
+_NO_GUARD = nullcontext()                       # stateless, so one instance serves every launch
+_current_cuda_device = torch._C._cuda_getDevice if hasattr(torch._C, '_cuda_getDevice') else \
+    torch.cuda.current_device
 
 
 # Tests set this: every buffer a kernel must fully write starts as NaN instead of torch.empty's leftovers, so an
