@@ -14,7 +14,23 @@ phase: 'fwd' (forward) and 'fwd+bwd' (forward + backward of x, weight, bias).
 
 CUDA: bf16, C in {192, 384, 768} at 64x64/32x32/16x16/8x8 (the conv levels of the Triton issue), B=2, T=16.
 CPU: fp32, B=2, T=8, C in {32, 64, 128} at 16x16/32x32 (the model's CPU sizes; the conv block and resample
-convs are this same (c, c, 3) conv over frames). Each case records achieved TFLOP/s (2 * M * N * K / median).
+convs are this same (c, c, 3) conv over frames). Each case records (harness.record_rates) its minimal bytes and
+FLOPs, achieved GB/s and TFLOP/s, and the roofline prediction from the device's measured copy and GEMM rates:
+
+    flops = 2 * C * C * k * N   (N = b * t * h * w positions), x3 for fwd+bwd (grad input, grad weight)
+    bytes = 2 * x.nbytes (read x, write y; the weight is C*C*k, < 1% here), 5 * x.nbytes for fwd+bwd
+            (+ read grad_out and x again, write grad_x)
+
+Prediction for the native kernel's staging (csrc/temporal_conv1d_cuda.cu, issue 14.3), bf16 k=3, C=384 at 32x32,
+B=2, T=16 (N = 32,768): 29.0 GFLOP and 50.3 MB, so 576 FLOP/byte, far above an H100's ~236 (790 TFLOP/s over
+3.35 TB/s): GEMM-bound, roofline 37 us forward. Per block (64 channels x 64 pixels x 4 frames) each 16-channel
+step copies (4 + 2) frames x 16 x 128 B = 12 KiB of input and 6 KiB of weight into shared memory in 16-byte
+cp.async chunks (1.5x the input tile: the time halo) while the previous step's 24 WMMA products per warp run;
+with the output-channel tile the fastest block index the Co/64 = 6 blocks of one input tile run together, so
+DRAM sees the input about once (the old order, channel tile slowest, read it 6 x 1.5 = 9 times unless L2 held
+it) and L2 the 1.5x. WMMA (mma.sync, not Hopper's wgmma) reaches about half of the dense bf16 peak, so expect
+~2x the roofline (~75 us) at best; cuDNN's frames-view conv is the measured alternative the dispatch picks
+where it wins (extension_status()['cuda']['dispatch']).
 
 Also a script: ``python benchmarks/bench_temporal_conv1d.py [--device cpu|cuda]`` prints medians and ratios.
 """
@@ -31,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import device_or_skip, median_seconds, sync  # noqa: E402
+from harness import device_or_skip, median_seconds, record_rates, sync  # noqa: E402
 
 from lumiere_fast import backend  # noqa: E402
 from lumiere_fast.ops import extension_status, temporal_conv1d, temporal_conv1d_ref  # noqa: E402
@@ -111,7 +127,7 @@ def flops(b, t, c, hw, phase):
 @pytest.mark.parametrize('device_name, b, t, c, hw', CASES, ids=[f'{d}-C{c}-{hw}x{hw}' for d, _, _, c, hw in CASES])
 @pytest.mark.parametrize('phase', PHASES)
 @pytest.mark.parametrize('impl', IMPLS)
-def bench_conv1d(benchmark, impl, phase, device_name, b, t, c, hw):
+def bench_conv1d(benchmark, device_rates, impl, phase, device_name, b, t, c, hw):
     device = device_or_skip(device_name)
     status = extension_status()['cuda' if device.type == 'cuda' else 'cpu']
     if impl == 'lumiere_fast' and not status['loaded']:
@@ -137,8 +153,9 @@ def bench_conv1d(benchmark, impl, phase, device_name, b, t, c, hw):
 
     benchmark.pedantic(step, rounds=30 if device.type == 'cuda' else 10, iterations=1, warmup_rounds=2)
     if not benchmark.disabled:
-        med = benchmark.stats.stats.median
-        benchmark.extra_info['achieved_TFLOPs'] = benchmark.extra_info['flops'] / med / 1e12
+        # the GEMM baseline moves its own operands (weight + a (c*k, N) matrix + the (c, N) product)
+        nbytes = (x.nbytes * (K + 1) if impl == 'gemm_cublas' else (5 if phase == 'fwd+bwd' else 2) * x.nbytes)
+        record_rates(benchmark, device_rates(device), nbytes=nbytes, flops=benchmark.extra_info['flops'])
 
 
 def main():

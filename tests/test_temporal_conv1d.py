@@ -6,7 +6,10 @@
   size, so stale memory never holds the right answer; fp64: gradcheck;
 * Triton (kernels/temporal_conv1d.py): forced with ``use_backend('triton')`` (the interpreter runs it on CPU
   tensors); outputs start as NaN (``poison_and_ieee``), so an element no program writes fails;
-* both fast paths on the same cases (``IMPLS``), each asserted with ``record_choices``.
+* both fast paths on the same cases (``IMPLS``), each asserted with ``record_choices``;
+* the CUDA dispatch's measured choice (native vs cuDNN per key): its cache, modes and report with a fake timer on
+  CPU tensors, the real timer on a GPU; the CUDA kernel's staging paths (16-byte, tail, scalar) on a GPU, and its
+  sm_90 ptxas report (registers, spills) without one.
 Tolerances: ``helpers.TOL`` (norm-wise, per input dtype; fp16/bf16 against the fp32 reference of the same rounded
 values). bf16 and the CUDA extension: GPU only (the interpreter's bf16 math is wrong).
 """
@@ -269,20 +272,73 @@ def test_cuda_source_compiles():
         pytest.skip('LUMIERE_FAST_BUILD_CUDA=0: the CUDA extension was switched off')
     if os.environ.get('LUMIERE_FAST_BUILD_EXT', '').strip() == '0':
         pytest.skip('LUMIERE_FAST_BUILD_EXT=0: native builds were switched off')
+    _nvcc_or_skip()
+    status = extension_status()['cuda']
+    assert status['loaded'], f'the CUDA extension should have been built (nvcc found, torch {torch.version.cuda}): ' \
+                             f'{status["why"]}'
+
+
+def _nvcc_or_skip() -> str:
+    """nvcc of the toolkit torch would build with (the conditions of test_cuda_source_compiles), else skip."""
     if torch.version.cuda is None:
         pytest.skip('this torch build has no CUDA: no CUDA extension to compile')
     cuda_home = os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH')
     home_nvcc = os.path.join(cuda_home, 'bin', 'nvcc') if cuda_home else None
     nvcc = home_nvcc if home_nvcc and os.path.isfile(home_nvcc) else shutil.which('nvcc')
     if nvcc is None:
-        pytest.skip('nvcc not found: the CUDA extension cannot be compiled on this machine')
+        pytest.skip('nvcc not found: the CUDA source cannot be compiled on this machine')
     release = re.search(r'release (\d+)\.', subprocess.run([nvcc, '--version'], capture_output=True, text=True).stdout)
     if release and release.group(1) != torch.version.cuda.split('.')[0]:
         pytest.skip(f'nvcc is CUDA {release.group(1)}.x, torch was built with CUDA {torch.version.cuda}: torch refuses '
                     'to build extensions across CUDA major versions')
-    status = extension_status()['cuda']
-    assert status['loaded'], f'the CUDA extension should have been built (nvcc found, torch {torch.version.cuda}): ' \
-                             f'{status["why"]}'
+    return nvcc
+
+
+# ptxas limits per kernel (sm_90): 255 registers a thread is the hardware's; the forward's __launch_bounds__
+# (256 threads, 2 blocks an SM) caps it at 128. Spills go to local memory (L1-cached): reported, failed above
+# MAX_SPILL bytes a thread (the same rule as tests/helpers.py for the Triton kernels). Dynamic shared memory is
+# not ptxas's to report: static_asserts in the source hold every variant to the sm_80 and sm_90 limits.
+MAX_REGS, MAX_SPILL = 255, 1024
+
+
+def test_cuda_kernels_ptxas_report_sm90(tmp_path):
+    """Compile csrc/temporal_conv1d_cuda.cu for sm_90 with ``-Xptxas -v`` (no GPU needed) and hold every kernel
+    to the limits above; ``pytest -s`` prints registers, spills and static shared memory per kernel."""
+    import sysconfig
+    from torch.utils import cpp_extension
+    nvcc = _nvcc_or_skip()
+    try:
+        includes = cpp_extension.include_paths(device_type='cuda')
+    except TypeError:                              # torch < 2.6: include_paths(cuda=True)
+        includes = cpp_extension.include_paths(cuda=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, 'csrc', 'temporal_conv1d_cuda.cu')
+    cmd = [nvcc, '-c', src, '-o', str(tmp_path / 'k.o'), '-I' + os.path.join(root, 'csrc'),
+           '-I' + sysconfig.get_paths()['include'], *('-I' + p for p in includes),
+           *cpp_extension.COMMON_NVCC_FLAGS, '-std=c++20', '-O3', '-Xcompiler', '-fPIC',
+           '-DTORCH_EXTENSION_NAME=_C_cuda', '-DTORCH_API_INCLUDE_EXTENSION_H',
+           f'-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}',
+           '-gencode=arch=compute_90,code=sm_90', '-Xptxas', '-v']
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-5000:]
+    rows = []
+    for block in re.split(r"ptxas info\s+: Compiling entry function '", run.stderr)[1:]:
+        mangled = block.split("'", 1)[0]
+        kind = re.search(r'(conv_fwd_kernel|conv_grad_weight_kernel)I(6__half|13__nv_bfloat16|f)(?:Li(\d)E)?', mangled)
+        name = (f'{kind.group(1)}<{ {"6__half": "half", "13__nv_bfloat16": "bf16", "f": "float"}[kind.group(2)]}'
+                f'{", NBUF=" + kind.group(3) if kind.group(3) else ""}>') if kind else mangled
+        num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, block)) else 0  # noqa: E731
+        rows.append((name, num(r'Used (\d+) registers'), num(r'(\d+) bytes spill stores'),
+                     num(r'(\d+) bytes spill loads'), num(r'(\d+) bytes smem')))
+    print(f'{"kernel (sm_90)":<40} {"regs":>5} {"spill st/ld B":>14} {"static smem B":>14}')
+    for name, regs, st, ld, smem in rows:
+        print(f'{name:<40} {regs:>5} {f"{st}/{ld}":>14} {smem:>14}')
+    names = {r[0] for r in rows}
+    assert len(rows) == 9 and all(f'conv_fwd_kernel<{d}, NBUF={n}>' in names for d in ('half', 'bf16', 'float')
+                                  for n in (1, 2)), names
+    for name, regs, st, ld, _ in rows:
+        assert regs <= (128 if 'fwd' in name else MAX_REGS), f'{name}: {regs} registers'
+        assert max(st, ld) <= MAX_SPILL, f'{name}: spills {st}/{ld} bytes a thread'
 
 
 @needs_cpu_ext
@@ -463,9 +519,10 @@ def test_native_cuda_vs_reference(force_native, dtype, layout, shape):
 
 
 @needs_cuda
-def test_native_cuda_large_bf16():
-    # 2 clips x 4 frame tiles x 9,216 pixel tiles = 73,728 blocks on grid axis x (> 65,535, the limit of axes
-    # y/z); 768*768 pixels, and 8 channels: a partial 16-channel stage and a partial 64-channel tile
+def test_native_cuda_large_bf16(force_native):
+    # 1 channel tile x 2 clips x 4 frame tiles x 9,216 pixel tiles = 73,728 blocks on grid axis x (> 65,535, the
+    # limit of axes y/z); 768*768 pixels, and 8 channels: a partial 16-channel stage and a partial 64-channel tile.
+    # Forced native: the measured dispatch could pick cuDNN, and this is the native kernel's huge-grid case.
     b, t, c, h, w_ = 2, 16, 8, 768, 768
     x = torch.randn(b * t, c, h, w_, device='cuda', dtype=torch.bfloat16)
     w = (torch.randn(c, c, 3, device='cuda') / (3 * c) ** 0.5).bfloat16()
@@ -473,6 +530,150 @@ def test_native_cuda_large_bf16():
         y = temporal_conv1d(x, w, None, batch=b)
     assert seen['temporal_conv1d'] == {'native'}
     assert_close_rel(y.float(), temporal_conv1d_ref(x.float(), w.float(), None, b), TOL[torch.bfloat16])
+
+
+# The kernel's staging paths (csrc/temporal_conv1d_cuda.cu stage_rows): 16-byte cp.async rows where every row
+# start is 16-byte aligned with unit pixel stride, element-wise copies of a partial last chunk, the scalar path
+# otherwise; several channel chunks (the double-buffered pipeline), channel tails, and k = 15 (fp32: too big
+# for the double buffer, single-buffered; fp16/bf16: double-buffered on an H100).
+def _staging_input(case, bt, ci, dtype):
+    if case == 'tail':              # rows 16-byte aligned (channel stride 16), 13 pixels: a partial last chunk
+        return torch.randn(bt, ci, 1, 16, device='cuda', dtype=dtype)[..., :13]
+    if case == 'unaligned':         # channel stride 24, but the data pointer one element past a 16-byte boundary
+        return torch.randn(bt, ci, 1, 24, device='cuda', dtype=dtype)[..., 1:17]
+    if case == 'channels_last':     # pixel stride c: the scalar path
+        return torch.randn(bt, ci, 4, 6, device='cuda', dtype=dtype).to(memory_format=torch.channels_last)
+    return torch.randn(bt, ci, 8, 8, device='cuda', dtype=dtype)     # 'aligned': whole 16-byte chunks
+
+
+STAGING_CASES = [  # (case, b, t, c_in, c_out, k)
+    ('aligned', 2, 5, 40, 72, 3), ('tail', 1, 6, 24, 9, 3), ('unaligned', 2, 3, 16, 16, 5),
+    ('channels_last', 1, 4, 12, 20, 3), ('aligned', 1, 5, 8, 8, 15), ('aligned', 1, 4, 33, 65, 1),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('case,b,t,ci,co,k', STAGING_CASES,
+                         ids=[f'{c[0]}-ci{c[3]}-co{c[4]}-k{c[5]}' for c in STAGING_CASES])
+def test_native_cuda_staging_paths(force_native, dtype, case, b, t, ci, co, k):
+    assert extension_status()['cuda']['loaded'], extension_status()['cuda']['why']
+    torch.manual_seed(4)
+    x = _staging_input(case, b * t, ci, dtype)
+    w = (torch.randn(co, ci, k, device='cuda') / (ci * k) ** 0.5).to(dtype)
+    bias = torch.randn(co, device='cuda').to(dtype)
+    y, y_ref, ours, ref = _run(x, w, bias, b)
+    assert_close_rel(y.float(), y_ref, TOL[dtype], what='output')
+    _assert_grads(ours, ref, dtype)
+
+
+@needs_cuda
+def test_cuda_dispatch_measures_on_the_gpu(monkeypatch):
+    """The real timer: the first call of a key times both, the choice runs and is reported."""
+    assert extension_status()['cuda']['loaded'], extension_status()['cuda']['why']
+    monkeypatch.setattr(tc, '_cuda_winners', {})
+    monkeypatch.delenv(tc.CUDA_DISPATCH_ENV, raising=False)
+    x, w, b, batch = _inputs((2, 8, 32, 32, 16, 16, 3), 'frames', dtype=torch.bfloat16, device='cuda')
+    with backend.record_choices() as seen:
+        y = temporal_conv1d(x, w, b, batch=batch)
+    winner = next(iter(tc._cuda_winners.values()))
+    assert seen['temporal_conv1d'] == {'native' if winner == 'native' else 'reference'}
+    entry = extension_status()['cuda']['dispatch']['decisions'][tc._describe_key(next(iter(tc._cuda_winners)))]
+    assert entry['winner'] == winner and entry['native_ms'] > 0 and entry['cudnn_ms'] > 0, entry
+    assert_close_rel(y.float(), temporal_conv1d_ref(x.float(), w.float(), b.float(), batch), TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- CUDA dispatch decisions (a fake timer, on CPU)
+# ops/temporal_conv1d._cuda_choice decides CUDA calls; its logic (cache per key, report, modes) is device-agnostic,
+# so CPU tensors and a fake _time_ms exercise it without a GPU.
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """_time_ms returning the times in ``times[name]`` ('native' / 'cudnn'), each timed fn run once; the calls
+    are recorded in ``times['calls']``."""
+    times = {'native': 1.0, 'cudnn': 2.0, 'calls': []}
+
+    def fake(fn, device):
+        out = fn()
+        name = 'native' if len(times['calls']) % 2 == 0 else 'cudnn'     # _measure times native first
+        times['calls'].append((name, tuple(out.shape)))
+        if isinstance(times[name], Exception):
+            raise times[name]
+        return times[name]
+
+    monkeypatch.setattr(tc, '_time_ms', fake)
+    monkeypatch.setattr(tc, '_cuda_winners', {})
+    monkeypatch.setattr(ops.extension, '_cuda_decisions', {})
+    monkeypatch.delenv(tc.CUDA_DISPATCH_ENV, raising=False)
+    return times
+
+
+@needs_cpu_ext
+def test_cuda_dispatch_times_each_key_once(fake_timer):
+    x, w, b, batch = _inputs((2, 3, 4, 6, 4, 4, 3), 'frames')
+    assert tc._cuda_choice(x, w, b, batch) == 'native'
+    assert [n for n, _ in fake_timer['calls']] == ['native', 'cudnn']
+    assert tc._cuda_choice(x, w, b, batch) == 'native'                   # cached: no timing
+    assert len(fake_timer['calls']) == 2
+    fake_timer['native'] = 3.0                                          # another key: timed, cuDNN wins
+    x2 = x[:, :, :3]
+    assert tc._cuda_choice(x2, w, b, batch) == 'cudnn'
+    assert len(fake_timer['calls']) == 4 and len(tc._cuda_winners) == 2
+    assert tc._cuda_choice(x, w, None, batch) == 'cudnn'                 # bias is part of the key
+    decisions = extension_status()['cuda']['dispatch']['decisions']
+    assert len(decisions) == 3
+    first = decisions[tc._describe_key(tc._cuda_key(x, w, b, batch))]
+    assert first == {'winner': 'native', 'why': 'measured', 'native_ms': 1.0, 'cudnn_ms': 2.0}
+    second = decisions[tc._describe_key(tc._cuda_key(x2, w, b, batch))]
+    assert second['winner'] == 'cudnn' and second['native_ms'] == 3.0
+    assert 'strided' in tc._describe_key(tc._cuda_key(x2, w, b, batch))
+    decisions.clear()                                                   # a copy
+    assert len(extension_status()['cuda']['dispatch']['decisions']) == 3
+
+
+@needs_cpu_ext
+def test_cuda_dispatch_modes_and_rules(fake_timer, monkeypatch):
+    x, w, b, batch = _inputs((1, 3, 4, 4, 2, 4, 3), 'frames')
+    assert extension_status()['cuda']['dispatch']['mode'] == 'measure'
+    for mode in ('native', 'cudnn'):
+        monkeypatch.setenv(tc.CUDA_DISPATCH_ENV, f' {mode.upper()} ')
+        assert tc._cuda_choice(x, w, b, batch) == mode
+        assert extension_status()['cuda']['dispatch']['mode'] == mode
+    monkeypatch.setenv(tc.CUDA_DISPATCH_ENV, 'fastest')
+    with pytest.raises(ValueError, match="LUMIERE_FAST_CONV1D_CUDA: expected one of .*got 'fastest'"):
+        tc._cuda_choice(x, w, b, batch)
+    assert 'invalid' in extension_status()['cuda']['dispatch']['mode']
+    monkeypatch.delenv(tc.CUDA_DISPATCH_ENV)
+    monkeypatch.setattr(tc, 'deterministic', lambda: True)             # deterministic mode: cuDNN, never timed
+    assert tc._cuda_choice(x, w, b, batch) == 'cudnn'
+    monkeypatch.setattr(tc, 'deterministic', lambda: False)
+    assert fake_timer['calls'] == [] and tc._cuda_winners == {}
+    fake_timer['native'] = RuntimeError('needs 300000 bytes of shared memory\nmore')  # a native failure: cuDNN
+    assert tc._cuda_choice(x, w, b, batch) == 'cudnn'
+    (entry,) = extension_status()['cuda']['dispatch']['decisions'].values()
+    assert entry == {'winner': 'cudnn', 'why': 'the native kernel failed: needs 300000 bytes of shared memory'}
+
+
+@needs_cpu_ext
+def test_cuda_dispatch_is_not_timed_in_a_trace(fake_timer):
+    torch._dynamo.reset()
+    x, w, b, batch = _inputs((1, 2, 3, 3, 2, 2, 3), 'frames')
+
+    def fn(x_):
+        return x_ * 2 if tc._cuda_choice(x_, w, b, batch) == 'native' else x_ * 3
+
+    fake_timer['native'] = 5.0                   # eager would pick cuDNN
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend='eager')(x), x * 2)
+    assert fake_timer['calls'] == [] and tc._cuda_winners == {}
+
+
+@needs_cpu_ext
+def test_cpu_calls_are_never_timed(fake_timer):
+    x, w, b, batch = _inputs((2, 4, 8, 8, 16, 16, 3), 'frames')
+    with backend.record_choices() as seen:
+        temporal_conv1d(x, w, b, batch=batch)
+    assert seen['temporal_conv1d'] == {'native'} and fake_timer['calls'] == []
 
 
 # ------------------------------------------------------------------------------ GPU compile without a GPU

@@ -10,6 +10,7 @@ its own kernel; grad bias is a sum (ATen). Which calls take it is decided in ``o
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import warnings
@@ -28,6 +29,9 @@ CPU_MIN_PIXELS = 256                   # h*w from which the CPU kernel wins (csr
 
 _PKG_DIR = Path(__file__).resolve().parent.parent
 _status: dict[str, dict] = {}
+# CUDA calls: which of the native kernel and cuDNN each (shape, dtype, device) key runs, and why (measured times,
+# or the rule that decided without timing); filled by ops/temporal_conv1d.py, reported by extension_status()
+_cuda_decisions: dict[str, dict] = {}
 
 
 def _built_file(module: str) -> Path | None:
@@ -118,9 +122,25 @@ _load()
 
 
 def extension_status() -> dict:
-    """``{'cpu': {'loaded': bool, 'why': str}, 'cuda': {...}}``: which native builds of temporal_conv1d are
-    loaded, and if not, why (not built, failed to load, no CUDA in torch, disabled)."""
-    return {k: dict(v) for k, v in _status.items()}
+    """``{'cpu': {'loaded': bool, 'why': str}, 'cuda': {'loaded': bool, 'why': str, 'dispatch': {...}}}``: which
+    native builds of temporal_conv1d are loaded, and if not, why (not built, failed to load, no CUDA in torch,
+    disabled). ``['cuda']['dispatch']``: ``{'mode': 'measure' | 'native' | 'cudnn'`` (``LUMIERE_FAST_CONV1D_CUDA``),
+    ``'decisions': {key: {'winner': 'native' | 'cudnn', 'why': str, 'native_ms': float, 'cudnn_ms': float}}}``, one
+    entry per (shape, dtype, device) key a CUDA call timed (times only where measured; see
+    ``ops/temporal_conv1d.py``). A copy: mutating it changes nothing."""
+    from .temporal_conv1d import cuda_dispatch_mode     # (here: that module imports this one)
+    status = copy.deepcopy(_status)
+    try:
+        mode = cuda_dispatch_mode()
+    except ValueError as e:                             # a bad environment value: say so, do not fail the report
+        mode = f'invalid ({e})'
+    status['cuda']['dispatch'] = {'mode': mode, 'decisions': copy.deepcopy(_cuda_decisions)}
+    return status
+
+
+def note_cuda_decision(key: str, entry: dict) -> None:
+    """Record the dispatch decision of one CUDA key for :func:`extension_status`."""
+    _cuda_decisions[key] = dict(entry)
 
 
 def native_supported(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:

@@ -14,11 +14,18 @@ Three implementations, one dispatch (``temporal_conv1d``; ``backend.record_choic
 * native (the C++/CUDA extension, loaded by ``ops/extension.py``; ``extension_status()`` says which builds loaded
   and why not). CUDA tensors in the frames layout, fp32/fp16/bf16, k <= 15, all tensors of one dtype and device:
   fp32 on CUDA cores in exact fp32, fp16/bf16 on tensor cores (WMMA) with fp32 accumulation. The (n, c, t) layout
-  stays on cuDNN (its own layout: no fold to save). Not yet measured on a GPU: benchmarks/bench_temporal_conv1d.py
-  has the cases. CPU tensors only where it measured faster than the reference (``extension.cpu_native_wins``,
-  timings in csrc/README.md): fp32/fp64, the frames layout with h*w >= 256. The (n, c, t) layout has no contiguous
-  pixel axis to vectorise over, so it stays on the reference (mkldnn); fp16/bf16 on CPU take the reference (the
-  extension has no upcasting path).
+  stays on cuDNN (its own layout: no fold to save). Where cuDNN on the frames view (the reference) is faster, CUDA
+  calls run it instead: the first call of each (shape, dtype, device) key times both forwards (CUDA events,
+  ``_TIMING_WARMUP`` + ``_TIMING_REPS`` runs each, median) and caches the winner; ``extension_status()['cuda']
+  ['dispatch']`` lists the decisions and times. ``LUMIERE_FAST_CONV1D_CUDA=native`` / ``=cudnn`` forces one
+  (``measure``, the default, times). No timing where it cannot be trusted or done: in deterministic mode
+  (``torch.use_deterministic_algorithms``) cuDNN runs, whose algorithms honour it (the native weight grad adds
+  with atomics; a timed choice would also change results between runs); inside a ``torch.compile`` trace and
+  during CUDA graph capture the native kernel runs (no synchronising timer there; nothing is cached). The
+  benchmarks/bench_temporal_conv1d.py cases time both. CPU tensors only where it measured faster than the
+  reference (``extension.cpu_native_wins``, timings in csrc/README.md): fp32/fp64, the frames layout with
+  h*w >= 256. The (n, c, t) layout has no contiguous pixel axis to vectorise over, so it stays on the reference
+  (mkldnn); fp16/bf16 on CPU take the reference (the extension has no upcasting path).
 * Triton (``kernels/temporal_conv1d.py``), the frames layout otherwise: CUDA tensors where the CUDA extension is
   not built, and the forced ``triton`` backend (which skips the extension). The (n, c, t) layout takes the
   reference (a forced ``triton`` backend warns once that no kernel handles it).
@@ -42,14 +49,19 @@ from .. import backend
 from ._triton import (NAMESPACE, autocast_inputs, cdiv, deterministic, device_guard, differentiable_backward,
                       dot_block, dot_precision, eager_or_op, grid_1d, launch, launch_tuned, new_output, register_eager,
                       target_programs, use_triton, zeros32)
-from .extension import cpu_native_wins, native_supported, native_temporal_conv1d
+from .extension import cpu_native_wins, native_supported, native_temporal_conv1d, note_cuda_decision
 from .layout import frames_as_time_major, time_major_as_frames
 
 OP = 'temporal_conv1d'
 
 # Tests set this: True runs the native op whenever the extension for the device is loaded and supports the
-# call (skipping the CPU speed rule), False never runs it; None applies the rules above.
+# call (skipping the CPU speed rule and the CUDA measurement), False never runs it; None applies the rules above.
 _force_native: bool | None = None
+
+CUDA_DISPATCH_ENV = 'LUMIERE_FAST_CONV1D_CUDA'
+CUDA_DISPATCH_MODES = ('measure', 'native', 'cudnn')
+_TIMING_WARMUP, _TIMING_REPS = 2, 5
+_cuda_winners: dict[tuple, str] = {}      # key (_cuda_key) -> 'native' | 'cudnn'
 
 
 def _check(x: Tensor, weight: Tensor, bias, batch):
@@ -214,18 +226,98 @@ register_eager(_temporal_conv1d_op, _temporal_conv1d_forward, _setup_context, _a
 # ------------------------------------------------------------------------------------------------ dispatch
 
 
-def _use_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def cuda_dispatch_mode() -> str:
+    """``LUMIERE_FAST_CONV1D_CUDA``: 'measure' (default: time native against cuDNN per key), 'native' or 'cudnn'
+    (always that one, for the CUDA calls the native kernel supports)."""
+    raw = backend.getenv(CUDA_DISPATCH_ENV)
+    if raw is None or not raw.strip():
+        return 'measure'
+    mode = raw.strip().lower()
+    if mode not in CUDA_DISPATCH_MODES:
+        raise ValueError(f'environment variable {CUDA_DISPATCH_ENV}: expected one of {CUDA_DISPATCH_MODES}, '
+                         f'got {raw!r}')
+    return mode
+
+
+def _cuda_key(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int | None) -> tuple:
+    # contiguity too: a strided input takes the kernel's scalar staging path, another speed
+    return (tuple(x.shape), batch, tuple(weight.shape), bias is not None, x.dtype, x.device, x.is_contiguous())
+
+
+def _describe_key(key: tuple) -> str:
+    shape, batch, w_shape, has_bias, dtype, device, contiguous = key
+    return (f'{str(dtype).replace("torch.", "")} x{shape} batch={batch} weight{w_shape}'
+            f'{" bias" if has_bias else ""}{"" if contiguous else " strided"} {device}')
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` on ``device``'s current stream: CUDA events around each of
+    ``_TIMING_REPS`` runs after ``_TIMING_WARMUP`` (first-call costs: cuDNN's algorithm search,
+    cudaFuncSetAttribute)."""
+    for _ in range(_TIMING_WARMUP):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_TIMING_REPS)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
+def _measure(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int | None) -> dict:
+    """Time both forwards on these inputs (no autograd, no autocast: the inputs are already in the dtype that runs):
+    the decision entry for ``extension_status()``."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), device_guard(x):
+        try:
+            native_ms = _time_ms(lambda: native_temporal_conv1d(x, weight, bias, batch), x.device)
+        except RuntimeError as e:        # e.g. a kernel size whose tiles do not fit this device's shared memory
+            return {'winner': 'cudnn', 'why': f'the native kernel failed: {e}'.split('\n')[0]}
+        cudnn_ms = _time_ms(lambda: temporal_conv1d_ref(x, weight, bias, batch), x.device)
+    winner = 'native' if native_ms <= cudnn_ms else 'cudnn'
+    return {'winner': winner, 'why': 'measured', 'native_ms': round(native_ms, 4), 'cudnn_ms': round(cudnn_ms, 4)}
+
+
+def _cuda_choice(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int | None) -> str:
+    """'native' or 'cudnn' for a call the native CUDA kernel supports (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return 'native'          # first: a trace neither times nor reads the cache (no guards on it)
+    mode = cuda_dispatch_mode()
+    if mode != 'measure':
+        return mode
+    if deterministic():
+        return 'cudnn'
+    key = _cuda_key(x, weight, bias, batch)
+    winner = _cuda_winners.get(key)
+    if winner is not None:
+        return winner
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return 'native'          # a graph capture cannot synchronise
+    entry = _measure(x, weight, bias, batch)
+    _cuda_winners[key] = entry['winner']
+    note_cuda_decision(_describe_key(key), entry)
+    return entry['winner']
+
+
+def _route(x: Tensor, weight: Tensor, bias: Tensor | None, batch: int | None) -> str | None:
+    """'native', 'cudnn' (the reference, chosen over the native kernel on CUDA) or None (Triton or the reference,
+    as ``use_triton`` decides)."""
     if _force_native is False or backend.get_backend() == 'reference':
-        return False
+        return None
     if backend.get_backend() == 'triton' and not _force_native:
-        return False         # a forced Triton backend runs the Triton kernel, not the extension
+        return None          # a forced Triton backend runs the Triton kernel, not the extension
     if not native_supported(x, weight, bias):
-        return False
+        return None
     if _force_native:
-        return True
+        return 'native'
     # (n, c, t) stays on cuDNN / mkldnn: it is their native layout (nothing to save), and the kernels' pixel
     # axis is strided (CUDA) or absent (CPU) there
-    return x.ndim == 4 and (x.is_cuda or cpu_native_wins(x))
+    if x.ndim != 4:
+        return None
+    if x.is_cuda:
+        return _cuda_choice(x, weight, bias, batch)
+    return 'native' if cpu_native_wins(x) else None
 
 
 def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, batch: int | None = None) -> Tensor:
@@ -235,9 +327,13 @@ def temporal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ba
     # autocast does not reach the custom ops: cast as it casts a convolution (the reference's F.conv1d/conv2d
     # would do the same), so the native and Triton kernels run in the autocast dtype
     x, weight, bias = autocast_inputs(x, weight, bias)
-    if _use_native(x, weight, bias):
+    route = _route(x, weight, bias, batch)
+    if route == 'native':
         backend.record(OP, 'native')
         return native_temporal_conv1d(x, weight, bias, batch)
+    if route == 'cudnn':
+        backend.record(OP, 'reference')
+        return temporal_conv1d_ref(x, weight, bias, batch)
     if use_triton(OP, x, weight, bias, supported=x.ndim == 4 and x.numel() > 0):
         return launch(_temporal_conv1d_op, x, weight, bias, batch)
     return temporal_conv1d_ref(x, weight, bias, batch)
