@@ -55,6 +55,29 @@ def assert_kernels_only(seen, what=''):
     assert not bad, f'{what}: ops not on their kernel: {bad} (all: {seen})'
 
 
+class PackTracker:
+    """Records every weight pack an op module makes (``ops.weight_pack.packed``, patched into ``module``), each
+    pack checked in-channel-contiguous, so a test can assert none outlives its call."""
+
+    def __init__(self, monkeypatch, module):
+        import weakref
+        from lumiere_fast.ops import weight_pack
+        self.refs = []
+
+        def tracked(*args, **kwargs):
+            pack = weight_pack.packed(*args, **kwargs)
+            assert pack.stride(1) == 1, f'pack strides {pack.stride()}: in-channel stride must be 1'
+            self.refs.append(weakref.ref(pack))
+            return pack
+
+        monkeypatch.setattr(module, 'packed', tracked)
+
+    def assert_none_alive(self):
+        import gc
+        gc.collect()
+        assert self.refs and all(r() is None for r in self.refs), 'a pack outlived its call'
+
+
 @torch.no_grad()
 def perturb_(module: torch.nn.Module, scale: float = 0.3, generator=None):
     """Move every parameter off its init (zero-init projections and gains included), at its own scale."""

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (REF_SHAPES, TOL, assert_close_rel, assert_same_forward_backward, compile_for_sm90, fold_ct,
-                     frames_input, perturb_, strided_frames, unfold_ct)
+from helpers import (REF_SHAPES, TOL, PackTracker, assert_close_rel, assert_same_forward_backward, compile_for_sm90,
+                     fold_ct, frames_input, perturb_, strided_frames, unfold_ct)
 from lumiere_fast import backend, ops
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import conv_block as cb
@@ -214,17 +214,7 @@ def test_in_place_weight_updates_are_seen_and_packs_do_not_outlive_the_call(op, 
     """Packing is once per call, never cached across calls: after an optimizer step and after an in-place add
     under no_grad the next call computes with the new values (forward and every gradient equal the reference's),
     and no pack outlives its call (nothing accumulates over steps)."""
-    import gc
-    import weakref
-    from lumiere_fast.ops import weight_pack
-    packs = []
-
-    def tracked(*args, **kwargs):
-        pack = weight_pack.packed(*args, **kwargs)
-        packs.append(weakref.ref(pack))
-        return pack
-
-    monkeypatch.setattr(cb, 'packed', tracked)
+    packs = PackTracker(monkeypatch, cb)
     b, t, c, H, W, k = 2, 3, 5, 2, 3, 3
     h, x = _frames(b, t, c, H, W, torch.float32), _frames(b, t, c, H, W, torch.float32)
     params = [v.requires_grad_(True) for v in _params(op, c, k, torch.float32)]
@@ -246,8 +236,7 @@ def test_in_place_weight_updates_are_seen_and_packs_do_not_outlive_the_call(op, 
         with torch.no_grad():
             params[0].add_(0.1 * torch.randn_like(params[0]))
         del out, grads
-    gc.collect()
-    assert packs and all(r() is None for r in packs), 'a pack outlived its call'
+    packs.assert_none_alive()
 
 
 @pytest.mark.parametrize('op', [MP, NON_MP])

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import lumiere_fast as lf
-from helpers import (PARITY_RTOL, TOL, assert_close_rel, assert_same_forward_backward, fold_ct, frames_input, perturb_,
-                     unfold_ct)
+from helpers import (PARITY_RTOL, TOL, PackTracker, assert_close_rel, assert_same_forward_backward, fold_ct,
+                     frames_input, perturb_, unfold_ct)
 from lumiere_fast import backend, ops
 from lumiere_fast.ops import _triton
 from lumiere_fast.ops import resample as R
@@ -174,18 +174,7 @@ def test_in_place_weight_updates_are_seen_and_packs_do_not_outlive_the_call(name
     """The weight is packed once per call ([3, c_out, c_in] in the compute dtype), never cached across calls: after
     an optimizer step and an in-place add under no_grad the next call uses the new values (output and every
     gradient equal the reference's), and no pack outlives its call."""
-    import gc
-    import weakref
-    from lumiere_fast.ops import weight_pack
-    packs = []
-
-    def tracked(*args, **kwargs):
-        pack = weight_pack.packed(*args, **kwargs)
-        assert pack.stride(1) == 1
-        packs.append(weakref.ref(pack))
-        return pack
-
-    monkeypatch.setattr(R, 'packed', tracked)
+    packs = PackTracker(monkeypatch, R)
     fn, ref, has_bias, down = VARIANTS[name]
     b, t, c = 2, 4 if down else 3, 5
     x = torch.randn(b * t, c, 2, 3, device=DEVICE, requires_grad=True)
@@ -210,8 +199,7 @@ def test_in_place_weight_updates_are_seen_and_packs_do_not_outlive_the_call(name
         with torch.no_grad():
             params[0].add_(0.1 * torch.randn_like(params[0]))
         del y, grads
-    gc.collect()
-    assert packs and all(r() is None for r in packs), 'a pack outlived its call'
+    packs.assert_none_alive()
 
 
 @pytest.mark.parametrize('name', ['temporal_downsample', 'mp_temporal_upsample'])
